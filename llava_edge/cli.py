@@ -1,0 +1,200 @@
+"""The ``llava-edge`` command line. Each command parses its options and delegates to a function
+of the same name in the package; nothing here computes anything."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from llava_edge.errors import UserError
+
+app = typer.Typer(
+    name="llava-edge", no_args_is_help=True, add_completion=False,
+    help="Train a LLaVA model, export it to ONNX / GGUF / TensorRT, run it locally, measure drift.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="LLaVA datasets: the synthetic world, validation.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def init(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
+    preset: str = typer.Option("tiny", help="Architecture preset (see `llava-edge presets`)."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """Create a randomly initialised model folder (weights, tokenizer, processor)."""
+    from llava_edge.model.build import init_checkpoint
+
+    path = init_checkpoint(preset, out_dir, seed=seed)
+    out.print(f"[green]wrote[/green] {path}")
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets."""
+    from llava_edge.model.presets import PRESETS
+
+    for p in PRESETS.values():
+        out.print(f"[bold]{p.name:14}[/bold] {p.description} "
+                  f"({p.n_image_tokens} image tokens, {p.vision.image_size} px)")
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help="Model folder (or bundle, for bundle runtimes)."),
+    image: Optional[Path] = typer.Option(None, help="Image to talk about."),
+    prompt: Optional[str] = typer.Option(None, help="One message; without it, chat interactively."),
+    runtime: str = typer.Option("torch", help="Runtime backend (see `llava-edge runtimes`)."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    dtype: str = typer.Option("float32", help="torch runtime: float32, float16 or bfloat16."),
+    device: str = typer.Option("cpu", help="torch runtime: cpu or cuda."),
+) -> None:
+    """Chat with a model about an image; replies stream as they are generated.
+
+    Interactive mode: type a message; `/image PATH` attaches an image to your next message;
+    an empty line or Ctrl-D ends."""
+    from llava_edge.model.image import load_image
+    from llava_edge.runtimes import Conversation, GenerationConfig, open_runtime
+
+    if image is not None:
+        load_image(image)  # a bad image fails before the model is loaded
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed)
+    options = {"dtype": dtype, "device": device} if runtime == "torch" else {}
+    conversation = Conversation(open_runtime(model, runtime=runtime, **options))
+    pending_image = image
+    messages = [prompt] if prompt is not None else None
+    while True:
+        if messages is not None:
+            if not messages:
+                return
+            text = messages.pop(0)
+        else:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                return
+            if not text:
+                return
+            if text.startswith("/image "):
+                pending_image = Path(text[len("/image "):].strip())
+                conversation.runtime.encode_image(pending_image)
+                continue
+            out.print("llava> ", end="")
+        for piece in conversation.send(text, image=pending_image, config=config):
+            out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        out.print()
+        pending_image = None
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="Model folder.")) -> None:
+    """Parameters, dtypes and sizes of a model folder."""
+    from llava_edge.model.inspect import inspect_model
+
+    info = inspect_model(path)
+    out.print(f"[bold]{info['path']}[/bold]  {info['kind']}, {info['architecture']}")
+    out.print(f"image {info['image_size']} px; decoder {info['text_layers']} layers x "
+              f"{info['text_hidden_size']}; vocab {info['vocab_size']}")
+    for name, part in info["components"].items():
+        out.print(f"  {name:14} {part['parameters']:>14,} params  {part['tensors']:>4} tensors  "
+                  f"{','.join(part['dtypes'])}")
+    out.print(f"  {'total':14} {info['parameters']:>14,} params  {info['bytes'] / 2**20:,.1f} MiB on disk")
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
+    n: int = typer.Option(1000, "--n", help="Training scenes (images)."),
+    seed: int = typer.Option(0, help="Seed; the same seed writes the same files."),
+    n_eval: int = typer.Option(100, "--n-eval", help="Held-out scenes with gold answers."),
+    image_size: int = typer.Option(64, help="Image side in pixels."),
+) -> None:
+    """Draw the synthetic world: OUT/images, stage1.json, stage2.json, eval.json."""
+    from llava_edge.data.synth import synth
+
+    summary = synth(out_dir, n=n, seed=seed, image_size=image_size, n_eval=n_eval)
+    out.print(f"[green]wrote[/green] {out_dir}: {summary.stage1_records} stage-1, "
+              f"{summary.stage2_records} stage-2 and {summary.eval_records} eval records")
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Path = typer.Argument(..., help="LLaVA JSON or JSONL file."),
+    images: Optional[Path] = typer.Option(None, help="Image root (default: the file's folder)."),
+    skip: bool = typer.Option(False, "--skip", help="Report every bad record instead of stopping at the first."),
+) -> None:
+    """Check every record of a dataset; exit 1 if any is invalid."""
+    from llava_edge.data.dataset import validate_dataset
+
+    report = validate_dataset(path, images, skip=skip)
+    out.print(report.summary(), markup=False, highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def runtimes() -> None:
+    """List runtime backends and whether they can be used here."""
+    from llava_edge.runtimes.registry import get_runtime_class, runtime_names
+
+    for name in runtime_names():
+        try:
+            get_runtime_class(name)
+            status = "[green]available[/green]"
+        except UserError as exc:
+            status = f"[yellow]unavailable[/yellow]: {exc}"
+        out.print(f"{name:10} {status}")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where models and data are cached.")) -> None:
+    """The main job: build the default model and answer questions about images with it."""
+    from llava_edge.demo import demo as run_demo
+
+    run_demo(workdir, say=lambda text: out.print(text, markup=False, highlight=False))
+
+
+def main() -> None:
+    """Console entry point: user errors are one readable line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Drift metrics: how far a quantized file strays from the FP16 reference."""

@@ -1,0 +1,1 @@
+"""The LLaVA model: presets, loading, tokenizer, image preprocessing, chat templates."""

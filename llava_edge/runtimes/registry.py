@@ -1,0 +1,55 @@
+"""Runtime backends by name, from the ``llava_edge.runtimes`` entry-point group.
+
+Third parties add a backend by declaring, in their own package::
+
+    [project.entry-points."llava_edge.runtimes"]
+    mybackend = "my_pkg.runtime:MyRuntime"
+
+Our own backends are also listed here so a source checkout works before ``pip install``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from llava_edge.errors import RuntimeNotAvailable
+
+GROUP = "llava_edge.runtimes"
+BUILTIN = {
+    "torch": ("llava_edge.runtimes.torch_runtime:TorchRuntime", "pip install 'llava-edge[torch]'"),
+    "onnx": ("llava_edge.runtimes.onnx_runtime:OnnxRuntime", "pip install 'llava-edge[onnx]'"),
+    "llamacpp": ("llava_edge.runtimes.llamacpp_runtime:LlamaCppRuntime", "pip install 'llava-edge[gguf]'"),
+}
+
+
+def runtime_names() -> list[str]:
+    names = set(BUILTIN)
+    names.update(ep.name for ep in entry_points(group=GROUP))
+    return sorted(names)
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_runtime_class(name: str):
+    eps = {ep.name: ep for ep in entry_points(group=GROUP)}
+    target, hint = BUILTIN.get(name, (None, None))
+    if name in eps:
+        target = eps[name].value
+    if target is None:
+        raise RuntimeNotAvailable(f"unknown runtime {name!r}; available: {', '.join(runtime_names())}")
+    try:
+        return _load(target)
+    except ImportError as exc:
+        raise RuntimeNotAvailable(
+            f"runtime {name!r} cannot be used: {exc.name or exc} is not installed"
+            + (f" ({hint})" if hint else "")
+        ) from None
+
+
+def open_runtime(path, runtime: str = "torch", **options):
+    """Load ``path`` (a model folder, later a bundle) on the named backend."""
+    return get_runtime_class(runtime).open(path, **options)
