@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import IO
 from pathlib import Path
 
 from llava_edge.errors import UserError
@@ -26,8 +27,11 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``dest`` (refused if ``dest`` exists
     and is not empty, unless ``overwrite``)."""
     dest = Path(dest)
-    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())) and not overwrite:
-        raise UserError(f"{dest}: already exists; choose another output folder or remove it first")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest}: exists and is not a folder; choose another output path")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise UserError(f"output folder {dest} exists and is not empty; remove it, choose another "
+                        "path, or pass overwrite (--force)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -45,19 +49,28 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, dest)
 
 
-def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file for writing; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        text = "b" not in mode
+        with os.fdopen(fd, mode, encoding="utf-8" if text else None,
+                       newline="\n" if text else None) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_file(dest, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(dest: str | Path, text: str) -> None:
