@@ -29,6 +29,28 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
     _state["debug"] = debug
 
 
+def parse_options(items: Optional[list[str]]) -> dict:
+    """``KEY=VALUE`` strings -> keyword arguments; ints, floats and true/false are converted."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+            continue
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            options[key] = value
+    return options
+
+
 @app.command()
 def init(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
@@ -64,6 +86,9 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     dtype: str = typer.Option("float32", help="torch runtime: float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", help="torch runtime: cpu or cuda."),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", "-o", help="Runtime option KEY=VALUE, e.g. vision=mmproj (llamacpp), "
+        "quant=Q8_0 (llamacpp), provider=cuda (onnx)."),
 ) -> None:
     """Chat with a model about an image; replies stream as they are generated.
 
@@ -77,6 +102,7 @@ def chat(
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed)
     options = {"dtype": dtype, "device": device} if runtime == "torch" else {}
+    options.update(parse_options(option))
     conversation = Conversation(open_runtime(model, runtime=runtime, **options))
     pending_image = image
     messages = [prompt] if prompt is not None else None
@@ -101,6 +127,54 @@ def chat(
             out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         out.print()
         pending_image = None
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model folder (ours, llava-hf, or converted original LLaVA)."),
+    out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+    formats: Optional[str] = typer.Option(None, "--formats", "--format",
+                                          help="Comma list: onnx, gguf (default: all available here)."),
+    fp32: bool = typer.Option(False, "--fp32", help="Full precision."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half precision everywhere."),
+    int8: bool = typer.Option(False, "--int8", help="8-bit decoder (ONNX int8, GGUF Q8_0)."),
+    int4: bool = typer.Option(False, "--int4", help="4-bit decoder (ONNX MatMulNBits, GGUF Q4_K_M); the default."),
+    quant: Optional[list[str]] = typer.Option(None, "--quant", help="GGUF decoder quant(s), e.g. Q4_0, Q8_0."),
+    mmproj_quant: Optional[list[str]] = typer.Option(None, "--mmproj-quant", help="GGUF mmproj quant(s)."),
+    part: Optional[list[str]] = typer.Option(None, "--part", help="ONNX per-part precision, e.g. vision=fp32."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
+) -> None:
+    """Export a model to a bundle of ONNX and/or GGUF files, quantized."""
+    from llava_edge.export.pipeline import export as run_export
+    from llava_edge.export.pipeline import parse_formats
+
+    levels = [name for name, flag in (("fp32", fp32), ("fp16", fp16), ("int8", int8), ("int4", int4)) if flag]
+    if len(levels) > 1:
+        raise UserError(f"choose one precision flag, not {' and '.join('--' + l for l in levels)}")
+    part_precision = {}
+    for item in part or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--part {item!r}: expected PART=PRECISION, e.g. vision=fp32")
+        part_precision[name] = value
+    path = run_export(model, out_dir, formats=parse_formats(formats), level=(levels or ["int4"])[0],
+                      gguf_quants=quant, mmproj_quants=mmproj_quant,
+                      part_precision=part_precision or None, overwrite=force)
+    out.print(f"[green]wrote[/green] {path}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Original LLaVA checkpoint (merged, stage-1 projector, or LoRA)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Model folder to create."),
+    base: Optional[Path] = typer.Option(None, help="Base LLM folder (for projector-only or LoRA checkpoints)."),
+    vision_tower: Optional[Path] = typer.Option(None, help="Local CLIP folder, when the checkpoint has no tower."),
+) -> None:
+    """Convert an original-LLaVA-repo checkpoint to a transformers LLaVA folder."""
+    from llava_edge.model.convert_original import convert_original
+
+    path = convert_original(src, out_dir, base=base, vision_tower=vision_tower)
+    out.print(f"[green]wrote[/green] {path}")
 
 
 @app.command()

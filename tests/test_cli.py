@@ -84,3 +84,14 @@ def test_every_command_has_help():
     for name, command in commands:
         assert command.callback.__doc__, f"{name} has no help text"
         assert f"llava-edge {name}" in readme, f"README does not show `llava-edge {name}`"
+
+
+def test_unknown_runtime_option_lists_the_valid_ones(tiny_model_dir):
+    result = run_cli("chat", tiny_model_dir, "--prompt", "hi", "-o", "vision=mmproj")
+    assert result.returncode == 2
+    assert "runtime 'torch' has no option 'vision'; it takes: dtype, device" in result.stderr
+
+
+def test_export_refuses_two_precisions(tiny_model_dir, tmp_path):
+    result = run_cli("export", tiny_model_dir, "--out", tmp_path / "b", "--int4", "--fp16")
+    assert result.returncode == 2 and "choose one precision flag" in result.stderr

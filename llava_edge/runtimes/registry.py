@@ -11,6 +11,7 @@ Our own backends are also listed here so a source checkout works before ``pip in
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 
 from llava_edge.errors import RuntimeNotAvailable
@@ -50,6 +51,21 @@ def get_runtime_class(name: str):
         ) from None
 
 
+def runtime_options(cls) -> list[str]:
+    """The keyword options a backend's ``open`` accepts."""
+    params = inspect.signature(cls.open).parameters.values()
+    names = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # passed on to Runtime.__init__
+        names.append("image_cache_size")
+    return names
+
+
 def open_runtime(path, runtime: str = "torch", **options):
-    """Load ``path`` (a model folder, later a bundle) on the named backend."""
-    return get_runtime_class(runtime).open(path, **options)
+    """Load ``path`` (a model folder or a bundle) on the named backend."""
+    cls = get_runtime_class(runtime)
+    known = runtime_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise RuntimeNotAvailable(f"runtime {runtime!r} has no option {', '.join(map(repr, unknown))}; "
+                                  f"it takes: {', '.join(known) or 'none'}")
+    return cls.open(path, **options)

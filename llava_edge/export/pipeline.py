@@ -1,0 +1,75 @@
+"""``llava-edge export``: one command writes a bundle holding every requested format.
+
+A precision level names what each format gets, as measured best for that level (decoder
+quantized, vision side kept at higher precision unless asked). Formats are written one after the
+other into the same bundle; each writer swaps the bundle in atomically, so an interrupted export
+leaves either the previous complete bundle or nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from llava_edge.errors import UserError
+
+# precision level -> (ONNX precision, GGUF decoder quant, GGUF mmproj quant)
+LEVELS = {
+    "fp32": ("fp32", "F32", "F32"),
+    "fp16": ("fp16", "F16", "F16"),
+    "int8": ("int8", "Q8_0", "F16"),
+    "int4": ("int4", "Q4_K_M", "F16"),
+}
+FORMATS = {"onnx": "onnxruntime", "gguf": "llama_cpp", "tensorrt": "tensorrt"}
+
+
+def available_formats() -> list[str]:
+    """Formats whose writer and runtime can run on this machine (TensorRT needs a GPU build)."""
+    return [f for f, module in FORMATS.items()
+            if f != "tensorrt" and importlib.util.find_spec(module) is not None]
+
+
+def parse_formats(text: str | None) -> list[str]:
+    if not text:
+        found = available_formats()
+        if not found:
+            raise UserError("no export format can run here: install 'llava-edge[onnx]' and/or 'llava-edge[gguf]'")
+        return found
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"unknown format {f!r}; choose from: {', '.join(FORMATS)}")
+        if f == "tensorrt":
+            raise UserError("the tensorrt format is not available yet (issue 9); use onnx or gguf")
+        if importlib.util.find_spec(FORMATS[f]) is None:
+            raise UserError(f"format {f!r} needs {FORMATS[f]}, which is not installed "
+                            f"(pip install 'llava-edge[{f}]')")
+    return formats
+
+
+def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None = None,
+           level: str = "int4", gguf_quants: list[str] | None = None,
+           mmproj_quants: list[str] | None = None, part_precision: dict[str, str] | None = None,
+           overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the bundle ``out`` from the checkpoint folder ``model_dir``; returns ``out``."""
+    from llava_edge.model.loading import check_model_folder
+
+    check_model_folder(model_dir)
+    if level not in LEVELS:
+        raise UserError(f"unknown precision {level!r}; choose one of: {', '.join(LEVELS)}")
+    formats = formats or available_formats()
+    onnx_precision, gguf_quant, mmproj_quant = LEVELS[level]
+    written = False
+    if "onnx" in formats:
+        from llava_edge.export.onnx.export import export_onnx
+
+        export_onnx(model_dir, out, onnx_precision, part_precision=part_precision,
+                    overwrite=overwrite, progress=progress)
+        written = True
+    if "gguf" in formats:
+        from llava_edge.export.gguf.export import export_gguf
+
+        export_gguf(model_dir, out, quant=gguf_quants or [gguf_quant],
+                    mmproj_quant=mmproj_quants or [mmproj_quant], overwrite=overwrite and not written,
+                    extend=written)
+    return Path(out)
