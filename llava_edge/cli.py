@@ -178,6 +178,28 @@ def convert(
 
 
 @app.command()
+def drift(
+    reference: str = typer.Option(..., help="Spec [LABEL=]RUNTIME:PATH[?KEY=VALUE,...], e.g. torch:runs/model."),
+    candidate: list[str] = typer.Option(..., help="Candidate spec (repeatable), e.g. 'q4=llamacpp:B?quant=Q4_K_M'."),
+    eval_set: Path = typer.Option(..., "--eval", help="LLaVA eval JSON with gold answers (e.g. data synth's eval.json)."),
+    thresholds: Optional[Path] = typer.Option(None, help="TOML/JSON limits (default: the documented defaults)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write report.json, report.md and plots/ here."),
+    floor: str = typer.Option("rerun", help="Noise floor: rerun, none, a spec, or a candidate's label."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N eval records."),
+    max_new_tokens: int = typer.Option(32, help="Greedy reply length."),
+    attribution: bool = typer.Option(True, "--attribution/--no-attribution",
+                                     help="Also split drift into vision and decoder parts."),
+) -> None:
+    """Measure how far candidates stray from a reference; exit 1 if a threshold is exceeded."""
+    from llava_edge.drift import drift as run_drift
+
+    code = run_drift(reference, candidate, eval_set, thresholds, out_dir, floor=floor, limit=limit,
+                     max_new_tokens=max_new_tokens, attribution=attribution, console=out,
+                     command="llava-edge " + " ".join(sys.argv[1:]))
+    raise typer.Exit(code)
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="Model folder.")) -> None:
     """Parameters, dtypes and sizes of a model folder."""
     from llava_edge.model.inspect import inspect_model

@@ -67,7 +67,11 @@ def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None 
                     overwrite=overwrite, progress=progress)
         written = True
     if "gguf" in formats:
+        import logging
+
         from llava_edge.export.gguf.export import export_gguf
+
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every file at INFO
 
         export_gguf(model_dir, out, quant=gguf_quants or [gguf_quant],
                     mmproj_quant=mmproj_quants or [mmproj_quant], overwrite=overwrite and not written,
