@@ -3,6 +3,7 @@ of the same name in the package; nothing here computes anything."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -200,8 +201,15 @@ def drift(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="Model folder.")) -> None:
-    """Parameters, dtypes and sizes of a model folder."""
+def inspect(path: Path = typer.Argument(..., help="Model folder or bundle.")) -> None:
+    """Parameters, dtypes and sizes of a model folder; components, precisions and drift of a bundle."""
+    from llava_edge.export.bundle import is_bundle
+
+    if is_bundle(path):
+        from llava_edge.export.verify import format_inspect, inspect_bundle
+
+        out.print(format_inspect(inspect_bundle(path)), markup=False, highlight=False)
+        return
     from llava_edge.model.inspect import inspect_model
 
     info = inspect_model(path)
@@ -242,6 +250,56 @@ def data_validate(
     report = validate_dataset(path, images, skip=skip)
     out.print(report.summary(), markup=False, highlight=False)
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    image: Optional[Path] = typer.Option(None, help="Image of the smoke generations (default: a synthetic one)."),
+    n_tokens: int = typer.Option(4, help="Tokens of each smoke generation."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the runtimes."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Run a smoke generation per runtime."),
+    strict: bool = typer.Option(False, "--strict", help="Also exit 1 when a component could not be loaded here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+) -> None:
+    """Check a bundle: checksums, every component loads, a smoke generation per runtime; exit 1 if broken."""
+    from llava_edge.export.verify import verify_bundle_full
+
+    report = verify_bundle_full(bundle, image=image, n_tokens=n_tokens, threads=threads, generate=generate)
+    out.print(report.summary(), markup=False, highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.ok or (strict and not report.complete):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle (or model folder, for torch)."),
+    runtime: Optional[list[str]] = typer.Option(
+        None, "--runtime", "-r", help="Target [LABEL=]NAME[?KEY=VALUE&...] (repeatable): a runtime, "
+        "raw-llamacpp or llama-cpp-python; e.g. llamacpp?vision=mmproj. Default: all that can run it."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder: also bench the torch runtime."),
+    image: Optional[Path] = typer.Option(None, help="Image (default: a synthetic 640x480 picture)."),
+    prompt: Optional[str] = typer.Option(None, help="Question about the image."),
+    n_tokens: int = typer.Option(32, help="Tokens decoded per run."),
+    repeats: int = typer.Option(3, help="Runs per target and round, after a warm-up."),
+    rounds: int = typer.Option(1, help="Rounds over all targets (spreads the runs on a busy machine)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of every target (default: all cores)."),
+    statistic: str = typer.Option("median", help="median, or min (the best run)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write bench.json, bench.md and bench.png here."),
+) -> None:
+    """Speed and memory per runtime: image encode, prefill, time to first token, decode tokens/s, peak RSS."""
+    from llava_edge.bench import bench as run_bench
+
+    report = run_bench(path, runtime or None, image=image, n_tokens=n_tokens, repeats=repeats, rounds=rounds,
+                       threads=threads, model_dir=model, statistic=statistic, out=out_dir,
+                       command="llava-edge " + " ".join(sys.argv[1:]),
+                       progress=lambda line: err.print(line, markup=False, highlight=False),
+                       **({"prompt": prompt} if prompt else {}))
+    out.print(report.table())
+    if any(r.get("error") for r in report.results):
         raise typer.Exit(1)
 
 
