@@ -7,7 +7,9 @@ Bundle components (``gguf/`` folder)::
     gguf/modelfile    Modelfile (Ollama: FROM model, FROM mmproj, TEMPLATE, SYSTEM, stops)
 
 F32/F16 files are written by our streaming writer; quantized ones by llama.cpp's quantizer from the
-F32 file if F32 is asked for, else from an F16 file (kept only if F16 is asked for too).
+F32 file if F32 is asked for, else from an F16 file (kept only if F16 is asked for too). With
+``imatrix=`` the language model's quantized files are weighted by an importance matrix
+(:mod:`llava_edge.quant.imatrix`); the mmproj files never are (the imatrix covers the decoder only).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from llava_edge.errors import ModelError
 from llava_edge.export.bundle import (
-    MANIFEST, BundleWriter, is_bundle, manifest_for_model, read_manifest, write_bundle,
+    MANIFEST, BundleWriter, is_bundle, manifest_for_model, read_manifest, sha256_file, write_bundle,
 )
 from llava_edge.utils.atomic import atomic_dir, atomic_write_text
 from llava_edge.export.gguf import names as N
@@ -55,7 +58,7 @@ def _quants(value: str | Sequence[str], what: str) -> list[str]:
 def export_gguf(model_dir: str | Path, out_dir: str | Path, quant: str | Sequence[str] = "F16",
                 mmproj_quant: str | Sequence[str] = "F16", *, overwrite: bool = False,
                 extend: bool = False, n_threads: int | None = None,
-                allow_fallback: bool = True) -> Path:
+                allow_fallback: bool = True, imatrix=None) -> Path:
     """Write a bundle at ``out_dir`` holding the GGUF files of ``model_dir``; returns ``out_dir``.
 
     ``quant`` / ``mmproj_quant``: one name or several of F32, F16, Q8_0, Q5_K_M, Q4_K_M, Q4_0 (the first
@@ -64,15 +67,42 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, quant: str | Sequenc
     checkpoint, e.g. by ``export_onnx``), replacing its ``gguf/`` components; the bundle is rebuilt
     in a temporary folder and swapped in, so an interrupted export leaves it as it was.
     ``allow_fallback``: see :mod:`.quantize` (K-quants on rows not a multiple of 256).
+    ``imatrix``: an importance matrix (:class:`~llava_edge.quant.imatrix.ImportanceMatrix` or an
+    imatrix file, GGUF or legacy ``.dat``) weighting the language model's quantized files; it is
+    read before anything is written, checked against each tensor before llama.cpp quantizes, and
+    recorded (with the file's sha256) in each of those components' details.
     """
     quants, mquants = _quants(quant, "language-model"), _quants(mmproj_quant, "mmproj")
+    imatrix = _imatrix(imatrix, quants)
     _source_facts(model_dir)  # configs the files cannot express fail before the weights are hashed
     opened = extend_bundle(model_dir, out_dir) if extend else write_bundle(model_dir, out_dir,
                                                                            overwrite=overwrite)
     with opened as bundle:
         add_gguf_components(bundle, model_dir, quants, mquants, n_threads=n_threads,
-                            allow_fallback=allow_fallback)
+                            allow_fallback=allow_fallback, imatrix=imatrix)
     return Path(out_dir)
+
+
+class _Weighting(NamedTuple):
+    """An importance matrix resolved once per export, and what the manifest says of its file."""
+
+    matrix: object  # llava_edge.quant.imatrix.ImportanceMatrix
+    source: dict
+
+
+def _imatrix(imatrix, quants: Sequence[str]) -> _Weighting | None:
+    """The importance matrix read and checked (an error if no quant would use it), or None."""
+    if imatrix is None or isinstance(imatrix, _Weighting):
+        return imatrix
+    if all(N.QUANT_TYPES[q].written for q in quants):
+        raise ModelError(f"an importance matrix was given but the language model is only written as "
+                         f"{', '.join(quants)}; it weights quantized types (Q4_0, Q4_K_M, ...)")
+    from llava_edge.quant.imatrix import ImportanceMatrix, as_importance_matrix
+
+    matrix = as_importance_matrix(imatrix)
+    source = {} if isinstance(imatrix, ImportanceMatrix) else {"file": Path(imatrix).name,
+                                                                 "sha256": sha256_file(imatrix)}
+    return _Weighting(matrix, source)
 
 
 @contextlib.contextmanager
@@ -106,9 +136,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def add_gguf_components(bundle: BundleWriter, model_dir: str | Path, quants: Sequence[str],
                         mmproj_quants: Sequence[str], *, n_threads: int | None = None,
-                        allow_fallback: bool = True) -> None:
+                        allow_fallback: bool = True, imatrix=None) -> None:
     """Write the GGUF components into an open bundle (so one export can also add ONNX parts)."""
     quants, mquants = _quants(quants, "language-model"), _quants(mmproj_quants, "mmproj")
+    imatrix = _imatrix(imatrix, quants)
     model_dir = Path(model_dir)
     manifest = bundle.manifest
     text, vision = _source_facts(model_dir)
@@ -122,7 +153,7 @@ def add_gguf_components(bundle: BundleWriter, model_dir: str | Path, quants: Seq
         write_mmproj(path, ckpt, vision, precision, name=f"{manifest.model_name} mmproj")
 
     text_files = _write_family(bundle, "model", N.model_file, quants, write_text, n_threads,
-                               allow_fallback, {"arch": N.TEXT_ARCH})
+                               allow_fallback, {"arch": N.TEXT_ARCH}, imatrix=imatrix)
     mmproj_files = _write_family(
         bundle, "mmproj", N.mmproj_file, mquants, write_vision, n_threads, allow_fallback,
         {"arch": N.MMPROJ_ARCH, "feature_layer": vision.feature_layer,
@@ -146,8 +177,9 @@ def _source_facts(model_dir: str | Path):
 
 
 def _write_family(bundle: BundleWriter, part: str, file_name, quants: list[str], write, n_threads,
-                  allow_fallback: bool, details: dict) -> list[Path]:
-    """Write one GGUF per quant for ``part``; the first quant is the ``gguf/<part>`` component."""
+                  allow_fallback: bool, details: dict, imatrix=None) -> list[Path]:
+    """Write one GGUF per quant for ``part``; the first quant is the ``gguf/<part>`` component.
+    ``imatrix``: the :class:`_Weighting` of the quantized files, or None."""
     base = "F32" if "F32" in quants else "F16"
     written: dict[str, Path] = {}
 
@@ -167,7 +199,10 @@ def _write_family(bundle: BundleWriter, part: str, file_name, quants: list[str],
         else:
             src = direct(base)
             path = bundle.path(f"{GGUF_DIR}/{file_name(q)}")
-            facts.update(quantize_gguf(src, path, q, n_threads=n_threads, allow_fallback=allow_fallback))
+            facts.update(quantize_gguf(src, path, q, n_threads=n_threads, allow_fallback=allow_fallback,
+                                       imatrix=imatrix.matrix if imatrix else None))
+            if imatrix:
+                facts["imatrix"].update(imatrix.source)
         key = f"{GGUF_DIR}/{part}" if i == 0 else f"{GGUF_DIR}/{part}-{q}"
         bundle.add(key, f"{GGUF_DIR}/{path.name}", format="gguf", precision=q, details=facts)
         out.append(path)
