@@ -143,6 +143,8 @@ def export(
     quant: Optional[list[str]] = typer.Option(None, "--quant", help="GGUF decoder quant(s), e.g. Q4_0, Q8_0."),
     mmproj_quant: Optional[list[str]] = typer.Option(None, "--mmproj-quant", help="GGUF mmproj quant(s)."),
     part: Optional[list[str]] = typer.Option(None, "--part", help="ONNX per-part precision, e.g. vision=fp32."),
+    imatrix: Optional[Path] = typer.Option(None, help="Importance matrix weighting the GGUF decoder quants "
+                                           "(from `llava-edge imatrix`)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
 ) -> None:
     """Export a model to a bundle of ONNX and/or GGUF files, quantized."""
@@ -160,8 +162,25 @@ def export(
         part_precision[name] = value
     path = run_export(model, out_dir, formats=parse_formats(formats), level=(levels or ["int4"])[0],
                       gguf_quants=quant, mmproj_quants=mmproj_quant,
-                      part_precision=part_precision or None, overwrite=force)
+                      part_precision=part_precision or None, imatrix=imatrix, overwrite=force)
     out.print(f"[green]wrote[/green] {path}")
+
+
+@app.command("imatrix")
+def imatrix_command(
+    model: Path = typer.Argument(..., help="Model folder."),
+    data: Path = typer.Argument(..., help="LLaVA JSON/JSONL calibration conversations (with images)."),
+    out_file: Path = typer.Option(..., "--out", help="imatrix file to write (.gguf, or .dat for the legacy format)."),
+    samples: int = typer.Option(64, help="Conversations drawn from DATA."),
+    seed: int = typer.Option(0, help="Seed of the draw."),
+    images: Optional[Path] = typer.Option(None, help="Image root (default: DATA's folder/images)."),
+    image_weight: float = typer.Option(1.0, help="Weight of image-token rows (1 = llama.cpp's statistic)."),
+) -> None:
+    """Compute an importance matrix from image + prompt conversations, for GGUF quantization."""
+    from llava_edge.quant.imatrix import compute_imatrix, save_imatrix
+
+    matrix = compute_imatrix(model, data, samples, seed=seed, image_root=images, image_weight=image_weight)
+    out.print(f"[green]wrote[/green] {save_imatrix(matrix, out_file)}")
 
 
 @app.command()

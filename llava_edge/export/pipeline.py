@@ -50,7 +50,7 @@ def parse_formats(text: str | None) -> list[str]:
 def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None = None,
            level: str = "int4", gguf_quants: list[str] | None = None,
            mmproj_quants: list[str] | None = None, part_precision: dict[str, str] | None = None,
-           overwrite: bool = False, progress: bool = True) -> Path:
+           imatrix: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Write the bundle ``out`` from the checkpoint folder ``model_dir``; returns ``out``."""
     from llava_edge.model.loading import check_model_folder
 
@@ -75,5 +75,5 @@ def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None 
 
         export_gguf(model_dir, out, quant=gguf_quants or [gguf_quant],
                     mmproj_quant=mmproj_quants or [mmproj_quant], overwrite=overwrite and not written,
-                    extend=written)
+                    extend=written, imatrix=imatrix)
     return Path(out)
