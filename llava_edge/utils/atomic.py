@@ -17,6 +17,12 @@ from pathlib import Path
 from llava_edge.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _clean_stale(dest: Path) -> None:
     for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
@@ -35,6 +41,7 @@ def atomic_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle is for everyone who may read it
     try:
         yield tmp
     except BaseException:
@@ -55,6 +62,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets ordinary permissions
     try:
         text = "b" not in mode
         with os.fdopen(fd, mode, encoding="utf-8" if text else None,

@@ -1,0 +1,200 @@
+"""The committed demo components: they load exactly, build a complete LLaVA, and are actually trained."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from llava_edge.errors import ModelError, UserError
+from llava_edge.pretrain.assets import (
+    DEMO_ASSETS,
+    LANGUAGE_FILE,
+    RECORD_FILE,
+    TOKENIZER_FILE,
+    VISION_FILE,
+    demo_config,
+    file_sha256,
+    load_language_model,
+    load_tokenizer,
+    load_vision_tower,
+    load_weights,
+    read_record,
+)
+from llava_edge.pretrain.base import build_demo_base
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def config(tokenizer):
+    return demo_config(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return build_demo_base(tmp_path_factory.mktemp("demo") / "base", seed=0)
+
+
+def test_assets_have_the_demo_preset_shapes_and_are_small(config):
+    from safetensors import safe_open
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    for file, model in ((VISION_FILE, CLIPVisionModel(config.vision_config)),
+                        (LANGUAGE_FILE, LlamaForCausalLM(config.text_config))):
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in load_weights(DEMO_ASSETS / file).items()}
+        assert got == want, file
+        with safe_open(str(DEMO_ASSETS / file), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, file
+    sizes = {p.name: p.stat().st_size for p in DEMO_ASSETS.iterdir()}
+    # fp16 of 0.83 M (vision) + 3.67 M (LM) parameters; anything bigger is not what the recipe writes.
+    assert sizes[VISION_FILE] < 1.8e6 and sizes[LANGUAGE_FILE] < 7.5e6, sizes
+
+
+def test_committed_tokenizer_is_the_recorded_one(tokenizer):
+    record = read_record()  # raises if any file differs from the sha256 recorded at pretraining
+    assert record["files"][TOKENIZER_FILE] == file_sha256(DEMO_ASSETS / TOKENIZER_FILE)
+    assert record["tokenizer"]["vocab_size"] == tokenizer.vocab_size
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.image_id) == (1, 2, 3, 4)
+    assert record["seed"] == 0 and record["command"].startswith("python -m llava_edge.pretrain.demo")
+
+
+def test_demo_base_is_complete_and_reloads_without_new_weights(base_dir, tokenizer):
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_edge.model.build import build_model
+    from llava_edge.model.tokenizer import Tokenizer
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        base_dir, local_files_only=True, output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if "rotary_emb" not in k]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = model.state_dict()
+    for key, value in load_weights(DEMO_ASSETS / VISION_FILE).items():
+        assert torch.equal(state[f"model.vision_tower.{key}"], value), key
+    for key, value in load_weights(DEMO_ASSETS / LANGUAGE_FILE).items():
+        name = key if key == "lm_head.weight" else "model.language_model." + key.removeprefix("model.")
+        assert torch.equal(state[name], value), key
+    # The projector is the seeded random initialisation, exactly as build_model makes it.
+    fresh = build_model("demo", tokenizer, seed=0).state_dict()
+    for key in (k for k in state if "multi_modal_projector" in k):
+        assert torch.equal(state[key], fresh[key]), key
+    assert (base_dir / "tokenizer.json").read_bytes() == (DEMO_ASSETS / TOKENIZER_FILE).read_bytes()
+    assert Tokenizer.from_folder(base_dir).encode("USER: where is the red circle?") == \
+        tokenizer.encode("USER: where is the red circle?")
+    sidecar = json.loads((base_dir / "llava_edge.json").read_text())
+    assert sidecar["pretrained"]["files"] == read_record()["files"]
+
+
+def test_pretraining_optimised_the_features_llava_uses(base_dir):
+    """The tower was trained on image_features(); LLaVA's projector must receive exactly those."""
+    from llava_edge.model.loading import load_model
+    from llava_edge.pretrain.vision import image_features
+    from llava_edge.pretrain.world_batches import scene_batch
+
+    model = load_model(base_dir)
+    pixels, _ = scene_batch(0, "eval", range(2), model.config.vision_config.image_size)
+    with torch.no_grad():
+        ours = model.model.multi_modal_projector(image_features(model.model.vision_tower, pixels))
+        theirs = torch.stack(model.model.get_image_features(pixel_values=pixels).pooler_output)
+    assert torch.equal(ours, theirs)
+
+
+def _loss(lm, encoded, pad_id):
+    from llava_edge.pretrain.language import collate
+
+    batch = collate(encoded, pad_id)
+    with torch.no_grad():
+        return lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  labels=batch["labels"]).loss.item()
+
+
+def test_language_model_learned_the_world_beyond_word_frequencies(tokenizer, config):
+    from transformers import LlamaForCausalLM
+
+    from llava_edge.pretrain.language import encode_scenes
+
+    held_out = encode_scenes(tokenizer, 0, "eval", range(4))  # scenes never seen in training
+    pretrained = _loss(load_language_model(tokenizer=tokenizer), held_out, tokenizer.pad_id)
+    torch.manual_seed(0)
+    random = _loss(LlamaForCausalLM(config.text_config).eval(), held_out, tokenizer.pad_id)
+    # Unigram model of the training text (add-one smoothed): what knowing word frequencies alone buys.
+    counts = Counter(t for e in encode_scenes(tokenizer, 0, "train", range(200)) for t in e.input_ids[1:])
+    total, vocab = sum(counts.values()), config.text_config.vocab_size
+    targets = [t for e in held_out for t in e.input_ids[1:]]
+    unigram = -sum(math.log((counts[t] + 1) / (total + vocab)) for t in targets) / len(targets)
+    # A random LM is ~uniform over the 1024 ids: ln(1024) = 6.93.
+    assert abs(random - math.log(vocab)) < 0.3, random
+    # Measured: pretrained 0.29 nats/token, unigram 4.2. The constant vicuna system prompt is 35% of
+    # these tokens: a model that memorised it and knew only word frequencies elsewhere would score
+    # about 0.65 x 4.2 = 2.7, so the bound of 1.0 (3x headroom over 0.29) needs the world's sentences.
+    assert pretrained < 1.0 and pretrained < unigram - 3.0, (pretrained, unigram)
+
+
+def test_vision_features_carry_the_annotation_a_random_tower_lacks(config):
+    from transformers import CLIPVisionModel
+
+    from llava_edge.pretrain.probe import probe_accuracy
+
+    args = dict(seed=0, n_train=120, n_test=60, tasks=("shape", "count"))
+    pretrained = probe_accuracy(load_vision_tower(), **args)
+    torch.manual_seed(0)  # the pretrained tower's own initialisation
+    random = probe_accuracy(CLIPVisionModel(config.vision_config).eval(), **args)
+    for task in ("shape", "count"):
+        # Held-out objects/images: chance is ~0.35 for both; see pretrain.json for the full-size probe.
+        assert pretrained[task]["accuracy"] > pretrained[task]["chance"] + 0.25, (task, pretrained)
+        assert pretrained[task]["accuracy"] > random[task]["accuracy"] + 0.15, (task, pretrained, random)
+
+
+def test_tampered_asset_is_refused(tmp_path):
+    assets = tmp_path / "assets"
+    shutil.copytree(DEMO_ASSETS, assets)
+    data = bytearray((assets / VISION_FILE).read_bytes())
+    data[-1] ^= 1
+    (assets / VISION_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="vision.safetensors: sha256 differs.*Regenerate"):
+        build_demo_base(tmp_path / "base", assets=assets)
+    assert not (tmp_path / "base").exists()
+
+
+def test_pretraining_refuses_a_foreign_folder_before_any_work(tmp_path):
+    from llava_edge.pretrain.demo import pretrain_demo
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an earlier demo-asset folder"):
+        pretrain_demo(tmp_path, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / RECORD_FILE).exists()
+
+
+def test_grid_cells_of_patches():
+    from llava_edge.pretrain.world_batches import cell_pooling, patch_cells
+
+    cells = patch_cells(64, 8).reshape(8, 8)  # 64 px, 8 px patches; cell borders at 21.3 and 42.7 px
+    assert cells[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and cells[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6]
+    pool = cell_pooling(64, 8)
+    assert pool.shape == (9, 64) and abs(pool.sum(1) - 1).max() < 1e-6
+    # The patch spanning 16..24 px overlaps cells 0 (5.3 px) and 1 (2.7 px) on the first row.
+    assert pool[0, 2] > pool[1, 2] > 0 and pool[2, 2] == 0
+
+
+@pytest.mark.slow
+def test_pretraining_is_deterministic_for_a_seed(tmp_path):
+    from llava_edge.pretrain.demo import DemoPretrainConfig, pretrain_demo
+
+    config = DemoPretrainConfig(vision_steps=2, language_steps=2, probe_train_scenes=20,
+                                probe_eval_scenes=10, lm_eval_scenes=2, threads=2)
+    threads = torch.get_num_threads()
+    first = pretrain_demo(tmp_path / "a", config, progress=False, command="x")
+    second = pretrain_demo(tmp_path / "b", config, progress=False, command="x")
+    assert first.pop("run")["threads"] == second.pop("run")["threads"] == 2
+    assert first == second  # metrics and the sha256 of every file
+    assert torch.get_num_threads() == threads  # the run's thread count does not leak into the caller
