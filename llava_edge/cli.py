@@ -131,6 +131,27 @@ def chat(
 
 
 @app.command()
+def train(
+    stage: int = typer.Option(..., help="1: projector only (plain template); 2: projector + LLM (vicuna_v1)."),
+    model: Path = typer.Option(..., help="Starting LLaVA model folder."),
+    data: Path = typer.Option(..., help="LLaVA JSON/JSONL conversations (images relative to its images/ folder)."),
+    out_dir: Path = typer.Option(..., "--out", help="Model folder to write (save_pretrained layout)."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe file, e.g. configs/demo-stage1.toml "
+                                          "(default: LLaVA-1.5's values for the stage)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    resume: str = typer.Option("auto", help="auto (newest valid checkpoint), no, or a checkpoint path."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Train one stage of the LLaVA recipe (also under torchrun / accelerate launch)."""
+    from llava_edge.train.run import train as run_train
+
+    overrides = {"max_steps": max_steps} if max_steps is not None else {}
+    resume_arg = {"auto": "auto", "no": False}.get(resume, resume)
+    result = run_train(stage, model, data, out_dir, recipe, resume=resume_arg, overwrite=force, **overrides)
+    out.print(f"[green]wrote[/green] {result.out} (run folder with checkpoints and loss curve: {result.run_dir})")
+
+
+@app.command()
 def export(
     model: Path = typer.Argument(..., help="Model folder (ours, llava-hf, or converted original LLaVA)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write."),
