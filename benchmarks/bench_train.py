@@ -4,8 +4,8 @@
     python benchmarks/bench_train.py --preset tiny --steps 6 --threads 1 2
     python benchmarks/bench_train.py --out benchmarks/train_results.json
 
-Each configuration runs ``llava_edge.train.train`` for ``--steps`` optimizer steps of the demo
-recipe's batch shape (global batch 32 = 8 per micro-batch x 4 accumulated). The first step is
+Each configuration runs ``llava_edge.train.train`` for ``--steps`` optimizer steps of global batch 32
+(8 per micro-batch, the demo recipes' micro-batch, x 4 accumulated), fp32, one process. The first step is
 warm-up; throughput is measured from the end of step 1 to the end of the last step, so loading,
 checkpoint writing and the final save are not counted. tokens/s counts non-padding input tokens
 (64 image tokens per sample included). The machine is shared: the load average before and after
