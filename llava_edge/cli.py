@@ -359,7 +359,7 @@ def runtimes() -> None:
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where models and data are cached.")) -> None:
-    """The main job: build the default model and answer questions about images with it."""
+    """The main job: build the default model, export it, and answer a question about an image with every runtime."""
     from llava_edge.demo import demo as run_demo
 
     run_demo(workdir, say=lambda text: out.print(text, markup=False, highlight=False))

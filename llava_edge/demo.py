@@ -1,7 +1,8 @@
 """``llava-edge demo``: the README's main job on the embedded default.
 
-Today: create the tiny preset model (cached under the work folder), draw an image from the
-synthetic world, and chat with the model about it through every runtime available. The trained
+Today: create the tiny preset model (cached under the work folder), export it to an fp32 bundle
+(ONNX + GGUF, whichever can be written here), draw an image from the synthetic world, and ask the
+same question through every runtime side by side: with equal weights their greedy answers agree. The trained
 demo model and the quantized bundle take its place as they land (issues 4 and 8).
 """
 
@@ -25,6 +26,14 @@ def demo(workdir: str | Path = "runs/demo", say: Callable[[str], None] = print) 
     if not model_dir.exists():
         say(f"creating the tiny model in {model_dir}")
         init_checkpoint("tiny", model_dir, seed=0)
+    bundle = workdir / "tiny-bundle"
+    if not bundle.exists():
+        from llava_edge.export.pipeline import available_formats, export
+
+        formats = available_formats()
+        if formats:
+            say(f"exporting it to {bundle} ({', '.join(formats)}, fp32)")
+            export(model_dir, bundle, formats=formats, level="fp32", progress=False)
     world = workdir / "world"
     if not world.exists():
         say(f"drawing a small synthetic world in {world}")
@@ -35,7 +44,7 @@ def demo(workdir: str | Path = "runs/demo", say: Callable[[str], None] = print) 
     answers = {}
     for name in runtime_names():
         try:
-            runtime = open_runtime(model_dir, runtime=name)
+            runtime = open_runtime(model_dir if name == "torch" else bundle, runtime=name)
         except UserError as exc:
             say(f"[{name}] skipped: {exc}")
             continue
