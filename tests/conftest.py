@@ -36,3 +36,18 @@ def test_image() -> Image.Image:
 def other_image() -> Image.Image:
     rng = np.random.default_rng(1)
     return Image.fromarray(rng.integers(0, 256, size=(50, 20, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_model_dir, tmp_path_factory):
+    """``onnx_bundle(precision)``: the tiny model's ONNX bundle, exported once per session and
+    precision and shared by every test_onnx_* module (an export costs tens of seconds here)."""
+    def get(precision: str = "fp32", **options):
+        from llava_edge.export.onnx import export_onnx
+
+        out = tmp_path_factory.getbasetemp() / "onnx-bundles" / precision
+        if not (out / "manifest.json").is_file():
+            export_onnx(tiny_model_dir, out, precision, progress=False, **options)
+        return out
+
+    return get

@@ -28,17 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 ATOL = 1e-4
 
 
-def shared_bundle(tmp_path_factory, model_dir, precision: str = "fp32", **options):
-    """Export once per session and precision; every test_onnx_* module finds it on disk."""
-    out = tmp_path_factory.getbasetemp() / "onnx-bundles" / precision
-    if not (out / "manifest.json").is_file():
-        export_onnx(model_dir, out, precision, progress=False, **options)
-    return out
-
-
 @pytest.fixture(scope="session")
-def fp32_bundle(tiny_model_dir, tmp_path_factory):
-    return shared_bundle(tmp_path_factory, tiny_model_dir)
+def fp32_bundle(onnx_bundle):
+    return onnx_bundle()
 
 
 @pytest.fixture(scope="session")

@@ -26,21 +26,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
                                          "ignore::UserWarning")
 
 
-def shared_bundle(tmp_path_factory, model_dir, precision: str = "fp32"):
-    """Export once per session and precision; every test_onnx_* module finds it on disk."""
-    out = tmp_path_factory.getbasetemp() / "onnx-bundles" / precision
-    if not (out / "manifest.json").is_file():
-        export_onnx(model_dir, out, precision, progress=False)
-    return out
-
-
 @pytest.fixture(scope="session")
-def bundles(tiny_model_dir, tmp_path_factory):
-    fp32 = shared_bundle(tmp_path_factory, tiny_model_dir)
+def bundles(tiny_model_dir, tmp_path_factory, onnx_bundle):
+    fp32 = onnx_bundle()
     root = tmp_path_factory.mktemp("quantized")
     return {
         "fp32": fp32,
-        "fp16": shared_bundle(tmp_path_factory, tiny_model_dir, "fp16"),  # traced, checked, converted
+        "fp16": onnx_bundle("fp16"),  # traced, checked, converted
         # converted from the fp32 bundle without tracing again
         "int8": convert_bundle(fp32, root / "int8", "int8", progress=False),
         # the per-part override: vision kept fp32 instead of the default fp16

@@ -73,16 +73,6 @@ def relative_l2_error(ref: np.ndarray, cand: np.ndarray, eps: float = 1e-12) -> 
     return float(np.linalg.norm(b - a) / max(np.linalg.norm(a), eps))
 
 
-def common_prefix_length(ref_tokens, cand_tokens) -> int:
-    """How many leading tokens two sequences share."""
-    n = 0
-    for x, y in zip(ref_tokens, cand_tokens):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def percentile(values: np.ndarray, q: float) -> float:
     """The q-th percentile (linear interpolation, numpy's default); NaN for no values."""
     values = np.asarray(values, dtype=np.float64)

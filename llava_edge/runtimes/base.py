@@ -118,7 +118,7 @@ class Runtime(abc.ABC):
         if len(prompt.input_ids) == 0:
             raise UserError("empty prompt")
         keys = prompt.position_keys(self.image_token_id, self.n_image_tokens)
-        reuse = _common_prefix(self._cached_keys, keys)
+        reuse = common_prefix_length(self._cached_keys, keys)
         reuse = min(reuse, len(keys) - 1)  # always run at least one position to get logits
         self.stats["prefill_tokens"] += len(keys) - reuse
         self.stats["reused_tokens"] += reuse
@@ -140,7 +140,8 @@ class Runtime(abc.ABC):
         self._cached_keys = []
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix_length(a, b) -> int:
+    """How many leading items two sequences share (KV reuse here; greedy-prefix drift metric)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
