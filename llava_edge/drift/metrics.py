@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from llava_edge.runtimes.base import common_prefix_length  # noqa: F401  (a drift metric too)
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log p over the last axis, float64, stable for any finite logits."""
