@@ -191,15 +191,18 @@ class DriftReport:
 
 
 def record_in_bundle(bundle: str | Path, report: DriftReport, label: str,
-                     thresholds: Thresholds | None = None) -> dict:
+                     thresholds: Thresholds | None = None, *, eval_set: str | None = None) -> dict:
     """Store ``report.manifest_summary(label)`` in the bundle manifest's ``drift`` field, under the
     candidate's label (other labels' entries are kept), and rewrite the manifest atomically.
-    Returns the manifest's new ``drift`` field."""
+    ``eval_set``: how to name the eval set there (default: its path). Returns the new ``drift`` field."""
     from llava_edge.export.bundle import MANIFEST, read_manifest
     from llava_edge.utils.atomic import atomic_write_text
 
     manifest = read_manifest(bundle)
-    manifest.drift = {**manifest.drift, label: _finite(report.manifest_summary(label, thresholds))}
+    summary = report.manifest_summary(label, thresholds)
+    if eval_set is not None:
+        summary["eval_set"] = eval_set
+    manifest.drift = {**manifest.drift, label: _finite(summary)}
     atomic_write_text(Path(bundle) / MANIFEST, manifest.to_json())
     return manifest.drift
 

@@ -50,14 +50,42 @@ def parse_formats(text: str | None) -> list[str]:
 def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None = None,
            level: str = "int4", gguf_quants: list[str] | None = None,
            mmproj_quants: list[str] | None = None, part_precision: dict[str, str] | None = None,
-           imatrix: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write the bundle ``out`` from the checkpoint folder ``model_dir``; returns ``out``."""
+           imatrix: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+           drift: bool = True, drift_eval: str | Path | None = None, drift_limit: int | None = None,
+           base: str | Path | None = None, vision_tower: str | Path | None = None,
+           say=None) -> Path:
+    """Write the bundle ``out`` from the checkpoint folder ``model_dir``; returns ``out``.
+
+    ``model_dir`` may also be an original-LLaVA checkpoint (merged, stage-1 projector or LoRA; with
+    ``base`` / ``vision_tower`` where it lacks them), converted to a temporary folder first.
+    ``drift``: measure each written format against the FP16 reference and record the summary in the
+    manifest (:mod:`llava_edge.export.drift_summary`; ``drift_eval`` an eval file, default synthetic
+    probe scenes; ``drift_limit`` its first N records)."""
+    import tempfile
+
+    from llava_edge.model.convert_original import convert_original, is_original_checkpoint
     from llava_edge.model.loading import check_model_folder
 
-    check_model_folder(model_dir)
+    say = say or (lambda text: None)
     if level not in LEVELS:
         raise UserError(f"unknown precision {level!r}; choose one of: {', '.join(LEVELS)}")
-    formats = formats or available_formats()
+    with tempfile.TemporaryDirectory(prefix="llava-edge-convert-") as tmp:
+        if is_original_checkpoint(model_dir):
+            say(f"{model_dir}: an original-LLaVA checkpoint; converting it first")
+            model_dir = convert_original(model_dir, Path(tmp) / "model", base=base, vision_tower=vision_tower)
+        check_model_folder(model_dir)
+        formats = formats or available_formats()
+        _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, part_precision, imatrix,
+                       overwrite, progress)
+        if drift:
+            from llava_edge.export.drift_summary import record_export_drift
+
+            record_export_drift(model_dir, out, formats, level, eval_set=drift_eval, limit=drift_limit, say=say)
+    return Path(out)
+
+
+def _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, part_precision, imatrix,
+                   overwrite, progress) -> None:
     onnx_precision, gguf_quant, mmproj_quant = LEVELS[level]
     written = False
     if "onnx" in formats:
@@ -76,4 +104,3 @@ def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None 
         export_gguf(model_dir, out, quant=gguf_quants or [gguf_quant],
                     mmproj_quant=mmproj_quants or [mmproj_quant], overwrite=overwrite and not written,
                     extend=written, imatrix=imatrix)
-    return Path(out)

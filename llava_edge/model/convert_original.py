@@ -112,6 +112,22 @@ def _tower_state(weights: dict, vision_tower: Path | None, source: Path) -> dict
             if not k.startswith(("text_model.", "visual_projection", "text_projection", "logit_scale"))}
 
 
+def is_original_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like an original-LLaVA output (config with ``mm_*`` keys and a
+    ``llava_llama``-style model type, a stage-1 ``mm_projector.bin``, or a LoRA adapter folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if any((path / n).is_file() for n in ("mm_projector.bin", "non_lora_trainables.bin", "adapter_config.json")):
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") != "llava" and any(
+        k.startswith("mm_") for k in config)
+
+
 def convert_original(src: str | Path, out: str | Path, *, base: str | Path | None = None,
                      vision_tower: str | Path | None = None) -> Path:
     """Write ``out``: a llava-edge/transformers LLaVA folder made from an original-LLaVA checkpoint."""
