@@ -1,7 +1,7 @@
 """GGUF file sizes per quant type and how far each quantized decoder strays from F16.
 
     python benchmarks/gguf_quant_drift.py --preset tiny            # random weights: plumbing only
-    python benchmarks/gguf_quant_drift.py --model runs/demo-model   # the trained demo model (issue 4)
+    python benchmarks/gguf_quant_drift.py --model runs/demo/stage2   # the trained demo model (issue 4)
 
 For each quant: file size, llama.cpp's tensor types (K-quants fall back on rows not % 256), and on
 teacher-forced synthetic-world conversations with images (scenes the model was not trained on): top-1

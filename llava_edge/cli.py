@@ -166,9 +166,20 @@ def export(
     part: Optional[list[str]] = typer.Option(None, "--part", help="ONNX per-part precision, e.g. vision=fp32."),
     imatrix: Optional[Path] = typer.Option(None, help="Importance matrix weighting the GGUF decoder quants "
                                            "(from `llava-edge imatrix`)."),
+    drift_check: bool = typer.Option(True, "--drift/--no-drift",
+                                     help="Measure each format against the FP16 torch reference and record "
+                                          "the summary in manifest.json."),
+    drift_eval: Optional[Path] = typer.Option(None, "--drift-eval", help="Eval file for that measurement "
+                                              "(default: synthetic held-out scenes)."),
+    drift_limit: Optional[int] = typer.Option(None, "--drift-limit", help="Only its first N records."),
+    base: Optional[Path] = typer.Option(None, help="Original-LLaVA MODEL without LLM weights: the base LLM folder."),
+    vision_tower: Optional[Path] = typer.Option(None, help="Original-LLaVA MODEL without a tower: a local CLIP folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
 ) -> None:
-    """Export a model to a bundle of ONNX and/or GGUF files, quantized."""
+    """Export a model to a bundle of ONNX and/or GGUF files, quantized, with its drift recorded.
+
+    MODEL is a model folder of ours, a llava-hf folder, or an original-LLaVA checkpoint (converted
+    on the fly)."""
     from llava_edge.export.pipeline import export as run_export
     from llava_edge.export.pipeline import parse_formats
 
@@ -183,8 +194,15 @@ def export(
         part_precision[name] = value
     path = run_export(model, out_dir, formats=parse_formats(formats), level=(levels or ["int4"])[0],
                       gguf_quants=quant, mmproj_quants=mmproj_quant,
-                      part_precision=part_precision or None, imatrix=imatrix, overwrite=force)
+                      part_precision=part_precision or None, imatrix=imatrix, overwrite=force,
+                      drift=drift_check, drift_eval=drift_eval, drift_limit=drift_limit, base=base,
+                      vision_tower=vision_tower, say=lambda text: out.print(f"[dim]{text}[/dim]", highlight=False))
     out.print(f"[green]wrote[/green] {path}")
+    from llava_edge.export.bundle import read_manifest
+    from llava_edge.export.verify import drift_summary
+
+    for line in drift_summary(read_manifest(path).drift):
+        out.print(f"  drift {line}", highlight=False)
 
 
 @app.command("imatrix")
@@ -358,11 +376,16 @@ def runtimes() -> None:
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path("runs/demo"), help="Where models and data are cached.")) -> None:
-    """The main job: build the default model, export it, and answer a question about an image with every runtime."""
+def demo(
+    workdir: Path = typer.Option(Path("runs/demo"), help="Where the model, data and bundle are cached."),
+    questions: int = typer.Option(6, help="Held-out questions asked through every runtime."),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure speed and memory per runtime."),
+) -> None:
+    """The main job: train the demo model (cached), export it --int4, answer held-out questions with
+    every runtime side by side, and print the drift and bench tables."""
     from llava_edge.demo import demo as run_demo
 
-    run_demo(workdir, say=lambda text: out.print(text, markup=False, highlight=False))
+    run_demo(workdir, questions=questions, bench=bench, console=out)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from llava_edge.data import synth as synth_mod
 from llava_edge.data.dataset import validate_dataset
-from llava_edge.data.synth import STAGE2_KINDS, corpus_texts, scene_at, synth
+from llava_edge.data.synth import MC_TURNS, STAGE2_KINDS, corpus_texts, scene_at, synth
 from llava_edge.data.world import BACKGROUNDS, COLORS, NUMBERS
 from llava_edge.errors import UserError
 
@@ -64,7 +64,12 @@ def test_records_follow_llava_formats(world):
     assert kinds == {k: N for k in STAGE2_KINDS}
     # Multi-turn conversations, short answers; the image before or after the first question.
     convs = [r for r in stage2 if r["id"].endswith("_conversation")]
-    assert {len(r["conversations"]) for r in convs} == {4, 6, 8}
+    # Every short question the scene answers (6 to 8 kinds) in one conversation.
+    assert {len(r["conversations"]) for r in convs} <= {12, 14, 16} and len(
+        {len(r["conversations"]) for r in convs}) > 1
+    mcs = [r for r in stage2 if r["id"].endswith("_mc")]
+    assert all(len(r["conversations"]) == 2 * MC_TURNS for r in mcs)
+    assert all(t["value"] in "ABCD" for r in mcs for t in r["conversations"][1::2])
     firsts = [r["conversations"][0]["value"] for r in convs]
     assert any(f.startswith("<image>\n") for f in firsts) and any(f.endswith("\n<image>") for f in firsts)
     assert all(len(t["value"].split()) <= 2 for r in convs for t in r["conversations"][1::2])

@@ -41,6 +41,7 @@ from .world import Scene, sample_scene
 
 FORMAT_VERSION = 1
 STAGE2_KINDS = ("conversation", "detail", "reasoning", "mc")
+MC_TURNS = 3  # multiple-choice questions per training scene, asked one after another
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,19 @@ def stage2_records(scene: Scene, image: str, seed: int, i: int) -> list[dict]:
     rid = image.removesuffix(".png")
     short = short_questions(scene, rng)
     reasoning = reasoning_questions(scene, rng)
-    conv = rng.sample(short, rng.randint(2, min(4, len(short))))
+    # Every short question the scene answers, in random order: a few answer tokens each, so one
+    # pass over the image's 64 tokens teaches several facts (LLaVA's conversations are multi-turn too).
+    conv = rng.sample(short, len(short))
     chosen = rng.sample(reasoning, min(len(reasoning), rng.randint(1, 2)))
-    mc_question, _, letter = multiple_choice(rng.choice(short + reasoning), rng)
+    mc_turns: list[tuple[str, str]] = []
+    for k, qa in enumerate(rng.sample(short + reasoning, MC_TURNS)):
+        question, _, letter = multiple_choice(qa, rng)
+        mc_turns += [(HUMAN, f"{IMAGE_TOKEN}\n{question}" if k == 0 else question), (GPT, letter)]
     turns = {
         "conversation": _qa_turns(conv, rng),
         "detail": _first_turn(rng.choice(DETAIL_PROMPTS), rng) + [(GPT, description(scene))],
         "reasoning": _qa_turns(chosen, rng, long=True),
-        "mc": [(HUMAN, f"{IMAGE_TOKEN}\n{mc_question}"), (GPT, letter)],
+        "mc": mc_turns,
     }
     return [to_json_record(f"{rid}_{kind}", image, turns[kind]) for kind in STAGE2_KINDS]
 

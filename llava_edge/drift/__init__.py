@@ -1,8 +1,8 @@
 """Drift: how far a quantized file, on any runtime, strays from the reference model.
 
 >>> from llava_edge.drift import compare
->>> report = compare("torch:runs/demo/model",
-...                  ["fp16=torch:runs/demo/model?dtype=float16", "int4=onnx:runs/demo/bundle-int4"],
+>>> report = compare("torch:runs/demo/stage2",
+...                  ["fp16=torch:runs/demo/stage2?dtype=float16", "int4=onnx:runs/demo/bundle-int4"],
 ...                  "runs/demo/world/eval.json")
 >>> report.print_table()
 >>> report.assert_within(max_kl=0.05, min_top1=0.9, max_accuracy_drop=0.02)

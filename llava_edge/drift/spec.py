@@ -5,10 +5,10 @@ Grammar (what ``--reference`` / ``--candidate`` take)::
     [LABEL=]RUNTIME:PATH[?KEY=VALUE[&KEY=VALUE...]]     (',' also separates options)
     PATH                                  runtime inferred from the folder
 
-    torch:runs/demo/model                         fp32 (the torch runtime's default)
-    fp16=torch:runs/demo/model?dtype=float16      labelled "fp16" in every table and plot
+    torch:runs/demo/stage2                         fp32 (the torch runtime's default)
+    fp16=torch:runs/demo/stage2?dtype=float16      labelled "fp16" in every table and plot
     onnx:runs/demo/bundle-int4
-    llamacpp:runs/demo/bundle?quant=Q4_K_M,vision=mmproj
+    llamacpp:runs/demo/bundle-int4?quant=Q4_K_M,vision=mmproj
 
 ``RUNTIME`` is any registered runtime (``llava-edge runtimes``). Options are passed to the runtime's
 ``open`` as keyword arguments; values that read as a bool (true/false), an int or a float become one,
@@ -75,7 +75,7 @@ def parse_spec(text: str) -> RuntimeSpec:
         return text
     text = str(text).strip()
     if not text:
-        raise UserError("empty runtime spec; expected RUNTIME:PATH, e.g. torch:runs/demo/model")
+        raise UserError("empty runtime spec; expected RUNTIME:PATH, e.g. torch:runs/demo/stage2")
     match = _SPEC.match(text)
     # "C:\models\x" is a Windows path, not the runtime "C".
     if match is None or (len(match["runtime"]) == 1 and match["runtime"] not in runtime_names()):

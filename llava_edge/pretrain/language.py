@@ -1,12 +1,26 @@
-"""Pretraining the demo language model on the world's text, laid out as LLaVA's templates lay it out.
+"""Pretraining the demo language model on the world's conversations, laid out as LLaVA's templates lay them out.
 
-The Vicuna stand-in learns the world's language and the chat layouts it will be prompted with: every
-training scene's records (the stage-1 caption pair and the four stage-2 instruction kinds) become
-text-only conversations (``<image>`` removed) encoded by :func:`encode_conversation`, the caption
-pair with the ``plain`` template and the instructions with ``vicuna_v1``. Unlike LLaVA's instruction
-tuning, the loss covers every token (a base LM models questions too); the held-out figures report
-all tokens and the assistant's replies alone. Held-out conversations come from the world's eval
-split, whose scenes never occur in training.
+The Vicuna stand-in learns the world's language, the chat layouts it will be prompted with, and to
+answer from what stands in its context where the image goes. Every training scene's records (the
+stage-1 caption pair and the four stage-2 instruction kinds) are encoded by
+:func:`encode_conversation`, the caption pair with the ``plain`` template and the instructions with
+``vicuna_v1``. Unlike LLaVA's instruction tuning, the loss covers every text token (a base LM models
+questions too); the held-out figures report all tokens and the assistant's replies alone. Held-out
+conversations come from the world's eval split, whose scenes never occur in training.
+
+What stands where the image goes (``context``):
+
+- ``"scene"`` (the committed assets): **scene tokens**, one vector per image patch (as many as the
+  vision tower gives, in its row-major order), each the sum of fixed random vectors naming what
+  the scene has there: the colour, kind and size of the shape in the patch's grid cell (or "none"),
+  the background and the patch's position (:class:`SceneTokens`). The LM never sees a pixel nor the
+  vision tower: it learns to read a scene from a grid of vectors and to reason about it (count,
+  compare, pick the option letter), the skills a real Vicuna brings to LLaVA and that a 4-layer LM
+  cannot learn in the demo's 10 CPU minutes on top of learning to see. Aligning the vision tower to
+  what the LM reads is left to the projector (stage 1) and to stage 2, as in LLaVA: stage 1 has to
+  find, from the tower's features alone, tokens the frozen LM answers from.
+- ``"none"``: ``<image>`` removed; answers can then only be guessed from the question (the first
+  assets were trained so: the demo recipe reached 60-70% exact match, see benchmarks/).
 """
 
 from __future__ import annotations
@@ -14,81 +28,154 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from llava_edge.data.records import IMAGE_TOKEN
 from llava_edge.data.synth import scene_at, stage1_record, stage2_records
+from llava_edge.data.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 from llava_edge.model.templates import IGNORE_INDEX, Encoded, encode_conversation, get_template
 from llava_edge.model.tokenizer import Tokenizer
 from llava_edge.pretrain.optim import adamw_cosine
+from llava_edge.pretrain.world_batches import patch_cells
 
 STAGE1_TEMPLATE = "plain"
 STAGE2_TEMPLATE = "vicuna_v1"
 GROUP_BATCHES = 8  # batches drawn together and grouped by length (less padding, as LLaVA's group_by_length)
+CONTEXTS = ("scene", "none")
+NONE = "none"
 
 
-def scene_conversations(seed: int, split: str, i: int) -> list[tuple[str, list[tuple[str, str]]]]:
-    """(template name, text-only turns) of every record the world writes for scene ``i``."""
+class SceneTokens:
+    """Fixed random vectors (seeded) summed into one token per image patch; see the module docstring.
+
+    Each table row is drawn N(0, 1/width): unit length in expectation, about as long as a trained
+    projector's output rows are per feature, and nearly orthogonal to each other at width 256."""
+
+    def __init__(self, width: int, image_size: int, patch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.cells = torch.from_numpy(patch_cells(image_size, patch_size))  # [n_patches] -> grid cell
+        n_patches = len(self.cells)
+
+        def table(n: int) -> torch.Tensor:
+            return torch.randn(n, width, generator=g) / math.sqrt(width)
+
+        self.color, self.shape, self.size = table(len(COLORS) + 1), table(len(SHAPES) + 1), table(len(SIZES) + 1)
+        self.background, self.position = table(len(BACKGROUNDS)), table(n_patches)
+        self._names = {"color": (NONE, *COLORS), "shape": (NONE, *SHAPES), "size": (NONE, *SIZES)}
+        self._backgrounds = tuple(sorted(BACKGROUNDS))
+
+    def __call__(self, scene: Scene) -> torch.Tensor:
+        """[n_patches, width] tokens of one scene."""
+        per_cell = {k: [0] * 9 for k in self._names}
+        for s in scene.shapes:
+            cell = s.cell[0] * 3 + s.cell[1]
+            for key, value in (("color", s.color), ("shape", s.shape), ("size", s.size)):
+                per_cell[key][cell] = self._names[key].index(value)
+        index = {k: torch.tensor(v)[self.cells] for k, v in per_cell.items()}
+        return (self.color[index["color"]] + self.shape[index["shape"]] + self.size[index["size"]]
+                + self.background[self._backgrounds.index(scene.background)] + self.position)
+
+
+@dataclass
+class Sample:
+    encoded: Encoded
+    image: torch.Tensor | None  # [n_image_tokens, width] scene tokens, or None (no image in the text)
+
+
+def scene_conversations(seed: int, split: str, i: int,
+                        context: str = "scene") -> tuple[Scene, list[tuple[str, list[tuple[str, str]]]]]:
+    """(the scene, [(template name, turns)]) of every record the world writes for scene ``i``;
+    ``<image>`` kept for ``"scene"``, removed for ``"none"``."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context {context!r}: expected one of {', '.join(CONTEXTS)}")
     scene = scene_at(seed, split, i)
     image = f"{split}_{i:06d}.png"
     records = [stage1_record(scene, image, seed)] + stage2_records(scene, image, seed, i)
     templates = [STAGE1_TEMPLATE] + [STAGE2_TEMPLATE] * (len(records) - 1)
-    return [
-        (name, [(t["from"], t["value"].replace(IMAGE_TOKEN, "").strip()) for t in record["conversations"]])
+    keep = context == "scene"
+    return scene, [
+        (name, [(t["from"], t["value"] if keep else t["value"].replace(IMAGE_TOKEN, "").strip())
+                for t in record["conversations"]])
         for name, record in zip(templates, records)
     ]
 
 
-def encode_scenes(tokenizer: Tokenizer, seed: int, split: str, indices) -> list[Encoded]:
-    return [
-        encode_conversation(tokenizer, get_template(name), turns, n_image_tokens=1)
-        for i in indices
-        for name, turns in scene_conversations(seed, split, i)
-    ]
+def encode_scenes(tokenizer: Tokenizer, seed: int, split: str, indices, tokens: SceneTokens | None = None,
+                  context: str = "scene") -> list[Sample]:
+    """Encoded conversations of scenes ``indices``; ``tokens`` is required for ``"scene"``."""
+    if context == "scene" and tokens is None:
+        raise ValueError("the scene context needs its SceneTokens")
+    n_image = len(tokens.cells) if tokens is not None else 1
+    samples = []
+    for i in indices:
+        scene, conversations = scene_conversations(seed, split, i, context)
+        image = tokens(scene) if context == "scene" else None
+        for name, turns in conversations:
+            encoded = encode_conversation(tokenizer, get_template(name), turns, n_image_tokens=n_image)
+            samples.append(Sample(encoded, image if tokenizer.image_id in encoded.input_ids else None))
+    return samples
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; ``labels`` covers every real token, ``reply_labels`` the replies only."""
-    width = max(len(e) for e in batch)
+def collate(batch: list[Sample], pad_id: int, image_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; ``labels`` covers every text token, ``reply_labels`` the replies only;
+    ``image_tokens`` [N images, n_image_tokens, width] in batch order (absent without images)."""
+    width = max(len(s.encoded) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     reply = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(batch):
-        ids[row, : len(e)] = torch.tensor(e.input_ids)
-        mask[row, : len(e)] = 1
-        reply[row, : len(e)] = torch.tensor(e.labels)
-    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "reply_labels": reply}
+    for row, s in enumerate(batch):
+        ids[row, : len(s.encoded)] = torch.tensor(s.encoded.input_ids)
+        mask[row, : len(s.encoded)] = 1
+        reply[row, : len(s.encoded)] = torch.tensor(s.encoded.labels)
+    labels = ids.masked_fill((mask == 0) | (ids == image_id), IGNORE_INDEX)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "reply_labels": reply}
+    images = [s.image for s in batch if s.image is not None]
+    if images:
+        out["image_tokens"] = torch.stack(images)
+    return out
 
 
-def training_batches(tokenizer: Tokenizer, world_seed: int, batch_size: int,
-                     rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+def forward(lm, batch: dict[str, torch.Tensor], image_id: int, labels: str | None = "labels"):
+    """The LM on a collated batch, scene tokens in place of the image ids."""
+    ids = batch["input_ids"]
+    embeds = lm.get_input_embeddings()(ids)
+    if "image_tokens" in batch:
+        where = ids == image_id
+        embeds = embeds.masked_scatter(where.unsqueeze(-1), batch["image_tokens"].to(embeds.dtype))
+    return lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+              labels=batch[labels] if labels else None)
+
+
+def training_batches(tokenizer: Tokenizer, tokens: SceneTokens | None, world_seed: int, batch_size: int,
+                     rng: random.Random, context: str = "scene") -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of fresh training scenes' conversations, length-grouped, in ``rng``'s order."""
     scene = 0
     while True:
-        group: list[Encoded] = []
+        group: list[Sample] = []
         while len(group) < GROUP_BATCHES * batch_size:
-            group += encode_scenes(tokenizer, world_seed, "train", [scene])
+            group += encode_scenes(tokenizer, world_seed, "train", [scene], tokens, context)
             scene += 1
         rng.shuffle(group)
-        group = sorted(group[: GROUP_BATCHES * batch_size], key=len)
+        group = sorted(group[: GROUP_BATCHES * batch_size], key=lambda s: len(s.encoded))
         batches = [group[k: k + batch_size] for k in range(0, len(group), batch_size)]
         rng.shuffle(batches)
         for batch in batches:
-            yield collate(batch, tokenizer.pad_id)
+            yield collate(batch, tokenizer.pad_id, tokenizer.image_id)
 
 
 @torch.no_grad()
-def heldout_loss(lm, tokenizer: Tokenizer, *, world_seed: int, n_scenes: int,
-                 batch_size: int = 32) -> dict[str, float]:
+def heldout_loss(lm, tokenizer: Tokenizer, tokens: SceneTokens | None, *, world_seed: int, n_scenes: int,
+                 context: str = "scene", batch_size: int = 32) -> dict[str, float]:
     """Token-weighted mean loss (nats) and perplexity on the eval split's first ``n_scenes`` scenes."""
-    encoded = sorted(encode_scenes(tokenizer, world_seed, "eval", range(n_scenes)), key=len)
+    samples = sorted(encode_scenes(tokenizer, world_seed, "eval", range(n_scenes), tokens, context),
+                     key=lambda s: len(s.encoded))
     totals = {"labels": [0.0, 0], "reply_labels": [0.0, 0]}
     lm.eval()
-    for k in range(0, len(encoded), batch_size):
-        batch = collate(encoded[k: k + batch_size], tokenizer.pad_id)
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    for k in range(0, len(samples), batch_size):
+        batch = collate(samples[k: k + batch_size], tokenizer.pad_id, tokenizer.image_id)
+        logits = forward(lm, batch, tokenizer.image_id, labels=None).logits[:, :-1]
         for key, total in totals.items():
             target = batch[key][:, 1:]
             total[0] += torch.nn.functional.cross_entropy(
@@ -104,6 +191,7 @@ def heldout_loss(lm, tokenizer: Tokenizer, *, world_seed: int, n_scenes: int,
 def train_language(
     lm,
     tokenizer: Tokenizer,
+    tokens: SceneTokens | None,
     *,
     steps: int,
     batch_size: int,
@@ -112,18 +200,18 @@ def train_language(
     warmup: float,
     world_seed: int,
     order_seed: int,
+    context: str = "scene",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``lm`` in place (next-token loss on every token); returns the loss of every step."""
+    """Train ``lm`` in place (next-token loss on every text token); returns the loss of every step."""
     optimizer, scheduler = adamw_cosine(lm.parameters(), lr=lr, weight_decay=weight_decay, steps=steps,
                                         warmup=warmup)
-    batches = training_batches(tokenizer, world_seed, batch_size, random.Random(f"lm-order:{order_seed}"))
+    batches = training_batches(tokenizer, tokens, world_seed, batch_size,
+                               random.Random(f"lm-order:{order_seed}"), context)
     lm.train()
     history = []
     for step in range(steps):
-        batch = next(batches)
-        loss = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  labels=batch["labels"]).loss
+        loss = forward(lm, next(batches), tokenizer.image_id).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -134,3 +222,10 @@ def train_language(
             on_step(step, history[-1])
     lm.eval()
     return history
+
+
+def scene_tokens_for(config, seed: int) -> SceneTokens:
+    """The scene tokens of a demo :class:`LlavaConfig` (LM width, the tower's patch grid)."""
+    vision = config.vision_config
+    # Offset so the tables never share a random stream with the model's initialisation (same seed).
+    return SceneTokens(config.text_config.hidden_size, vision.image_size, vision.patch_size, seed=seed + 1_000_003)
