@@ -391,7 +391,8 @@ def demo(
 def main() -> None:
     """Console entry point: user errors are one readable line and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns a command's `typer.Exit(code)` instead of raising it.
+        code = app(standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
@@ -411,6 +412,7 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

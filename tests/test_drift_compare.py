@@ -376,3 +376,18 @@ def test_documented_fixture_example_runs_in_a_user_suite(tiny_model_dir, world, 
     # unconfigured: skipped with the reason, not failed
     run = subprocess.run(base + ["-rs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0 and "1 skipped" in run.stdout and "drift_report is not configured" in run.stdout
+
+
+def test_cli_exit_status_gates_a_release(tiny_model_dir, broken_dir, world, tmp_path):
+    """`llava-edge drift` itself exits 1 when a limit is exceeded (a shell or CI step sees it)."""
+    import subprocess
+    import sys
+
+    def run(candidate):
+        return subprocess.run([sys.executable, "-m", "llava_edge.cli", "drift", "--reference", f"torch:{tiny_model_dir}",
+                               "--candidate", candidate, "--eval", str(world), "--limit", "2",
+                               "--max-new-tokens", "4", "--no-attribution"], capture_output=True, text=True)
+
+    assert run(f"broken=torch:{broken_dir}").returncode == 1
+    ok = run(f"fp16=torch:{tiny_model_dir}?dtype=float16")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
