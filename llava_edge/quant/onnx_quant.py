@@ -93,6 +93,14 @@ def quantize_int8(src: str | Path):
         return load_proto(out)
 
 
+#: ``--int4``'s decoder settings, the best measured on the trained demo model
+#: (benchmarks/onnx_int4_variants.md: KL to fp32 3.6e-4 with HQQ, 5.6e-4 symmetric block 16, 2.3e-3
+#: symmetric block 32): HQQ where the whole fp32 graph is at hand, else the best setting the
+#: streamed (tensor by tensor) export can write.
+WHOLE_GRAPH_INT4 = Int4Options(algorithm="hqq", symmetric=False)
+STREAMED_INT4 = Int4Options(block_size=16)
+
+
 def quantize_int4(model, options: Int4Options = Int4Options(), calibration=None):
     """Block-wise int4 weights (MatMulNBits) of every MatMul with a constant weight.
 

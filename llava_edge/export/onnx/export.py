@@ -34,7 +34,9 @@ from llava_edge.export.onnx.streamed import (
 from llava_edge.export.onnx.validate import (
     Comparison, check_against_reference, check_against_torch, check_runs,
 )
-from llava_edge.quant.onnx_quant import Int4Options, convert_file, part_precisions
+from llava_edge.quant.onnx_quant import (
+    STREAMED_INT4, WHOLE_GRAPH_INT4, Int4Options, convert_file, part_precisions,
+)
 
 #: opset 20 is what DESIGN.md measured end to end (23 also runs in onnxruntime 1.31).
 DEFAULT_OPSET = 20
@@ -165,7 +167,8 @@ def export_onnx(
     ``precision``: fp32, fp16, int8 or int4; which part gets which precision is
     :func:`~llava_edge.quant.onnx_quant.part_precisions` (int4/int8 quantize the decoder and keep
     vision, projector and embeddings fp16), with ``part_precision`` overriding single parts, e.g.
-    ``{"vision": "fp32"}``. ``int4``: MatMulNBits options. ``calibration``: a
+    ``{"vision": "fp32"}``. ``int4``: MatMulNBits options (default: ``WHOLE_GRAPH_INT4``, HQQ, or
+    ``STREAMED_INT4`` for a streamed decoder; the manifest records them). ``calibration``: a
     :class:`~llava_edge.quant.calibration.MultimodalCalibration` (needed by the gptq algorithm).
     Every part is checked against torch (``validate``) before anything is converted; the bundle is
     written to a temporary folder and renamed at the end, so a failed export leaves nothing behind.
@@ -177,9 +180,9 @@ def export_onnx(
     from llava_edge.export.bundle import write_bundle
 
     precisions = part_precisions(precision, part_precision)
-    int4 = int4 or Int4Options()
-    _check_request(precisions, parts, int4, calibration)
     stream = checkpoint_bytes(model_dir) > STREAM_ABOVE_BYTES if streamed is None else streamed
+    int4 = int4 or (STREAMED_INT4 if stream and "decoder" in parts else WHOLE_GRAPH_INT4)
+    _check_request(precisions, parts, int4, calibration)
     if stream and "decoder" in parts:
         check_streamable(precisions["decoder"], int4)
     model, weights = _load_for_export(model_dir, stream)
@@ -266,7 +269,7 @@ def convert_bundle(
                          f"({'not fp32: ' + ', '.join(not_fp32) if not_fp32 else 'it has no ONNX parts'})")
     parts = tuple(k.split("/", 1)[1] for k in keys)
     precisions = part_precisions(precision, part_precision)
-    int4 = int4 or Int4Options()
+    int4 = int4 or WHOLE_GRAPH_INT4
     _check_request(precisions, parts, int4, calibration)
     fp32_files = {}
     for key, part in zip(keys, parts):
