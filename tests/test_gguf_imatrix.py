@@ -236,15 +236,22 @@ def test_imatrix_quantized_file_loads_and_generates(tiny_model_dir, imatrix, tmp
     assert "imatrix" not in comps["gguf/mmproj"]["details"]
 
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    embeds = TorchRuntime.open(tiny_model_dir).encode_image(image)
+    torch_rt = TorchRuntime.open(tiny_model_dir)
+    embeds = torch_rt.encode_image(image)
     for quant in ("Q4_0", "Q4_K_M"):
         with LlamaCppRuntime.open(bundle, quant=quant, n_threads=1) as rt:
             enc = encode_conversation(rt.tokenizer, rt.template, [("user", "<image>\nWhat is it?")],
                                       rt.n_image_tokens, add_generation_prompt=True)
             prompt = Prompt(enc.input_ids, [embeds])
-            assert np.isfinite(rt.logits(prompt)).all()
+            logits = rt.logits(prompt)
+            # A 4-bit copy of the same model: its logits follow torch's (a file whose weights were
+            # mangled by the imatrix path would not). Measured: correlation 0.993 (Q4_0), all positions.
+            reference = torch_rt.logits(prompt)
+            corr = np.corrcoef(logits.ravel(), reference.ravel())[0, 1]
+            assert corr > 0.9, (quant, corr)
             tokens = list(rt.generate(prompt, GenerationConfig(max_new_tokens=8)))
-            assert 1 <= len(tokens) <= 8 and all(0 <= t < rt.n_vocab for t in tokens)
+            # Greedy generation starts from the same last-position logits the teacher-forced pass gave.
+            assert tokens and tokens[0] == int(np.argmax(logits[-1])), (quant, tokens)
 
 
 def test_mismatched_imatrix_is_refused_before_llama_cpp(f16_file, tiny_model_dir, tmp_path):
