@@ -37,7 +37,7 @@ from llava_edge.data.synth import scene_at, stage1_record, stage2_records
 from llava_edge.data.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 from llava_edge.model.templates import IGNORE_INDEX, Encoded, encode_conversation, get_template
 from llava_edge.model.tokenizer import Tokenizer
-from llava_edge.pretrain.optim import adamw_cosine
+from llava_edge.pretrain.optim import train_loop
 from llava_edge.pretrain.world_batches import patch_cells
 
 STAGE1_TEMPLATE = "plain"
@@ -204,22 +204,11 @@ def train_language(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``lm`` in place (next-token loss on every text token); returns the loss of every step."""
-    optimizer, scheduler = adamw_cosine(lm.parameters(), lr=lr, weight_decay=weight_decay, steps=steps,
-                                        warmup=warmup)
     batches = training_batches(tokenizer, tokens, world_seed, batch_size,
                                random.Random(f"lm-order:{order_seed}"), context)
     lm.train()
-    history = []
-    for step in range(steps):
-        loss = forward(lm, next(batches), tokenizer.image_id).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.append(loss.item())
-        if on_step:
-            on_step(step, history[-1])
+    history = train_loop(lm.parameters(), lambda step: forward(lm, next(batches), tokenizer.image_id).loss,
+                         steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, on_step=on_step)
     lm.eval()
     return history
 

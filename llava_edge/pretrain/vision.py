@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llava_edge.pretrain.optim import adamw_cosine
+from llava_edge.pretrain.optim import train_loop
 from llava_edge.pretrain.world_batches import (
     CELL_CLASSES,
     GRID,
@@ -104,21 +104,15 @@ def train_vision(
     cfg = tower.config
     head = AnnotationHead(cfg.hidden_size, cfg.image_size, cfg.patch_size)
     params = [p for p in list(tower.parameters()) + list(head.parameters()) if p.requires_grad]
-    optimizer, scheduler = adamw_cosine(params, lr=lr, weight_decay=weight_decay, steps=steps, warmup=warmup)
-    tower.train()
-    history = []
-    for step in range(steps):
+
+    def loss_at(step: int):
         pixels, targets = scene_batch(world_seed, "train", range(step * batch_size, (step + 1) * batch_size),
                                       cfg.image_size)
         losses = head.losses(image_features(tower, pixels), targets)
-        loss = sum(LOSS_WEIGHTS.get(task, 1.0) * value for task, value in losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.append(loss.item())
-        if on_step:
-            on_step(step, history[-1])
+        return sum(LOSS_WEIGHTS.get(task, 1.0) * value for task, value in losses.items())
+
+    tower.train()
+    history = train_loop(params, loss_at, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                         on_step=on_step)
     tower.eval()
     return history
