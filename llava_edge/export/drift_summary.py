@@ -38,9 +38,9 @@ def record_export_drift(model_dir: str | Path, bundle: str | Path, formats: list
     if importlib.util.find_spec("torch") is None:
         say("drift summary skipped: the FP16 reference runs on torch, which is not installed")
         return {}
-    candidates = [f"{RUNTIME_OF_FORMAT[fmt]}-{level}={RUNTIME_OF_FORMAT[fmt]}:{bundle}"
-                  for fmt in formats if fmt in RUNTIME_OF_FORMAT]
-    if not candidates:
+    specs = {f"{RUNTIME_OF_FORMAT[fmt]}-{level}": f"{RUNTIME_OF_FORMAT[fmt]}:{bundle}"
+             for fmt in formats if fmt in RUNTIME_OF_FORMAT}  # label -> runtime spec
+    if not specs:
         return {}
     reference = f"fp16-torch=torch:{model_dir}?dtype=float16"
     with tempfile.TemporaryDirectory(prefix="llava-edge-drift-") as tmp:
@@ -48,13 +48,12 @@ def record_export_drift(model_dir: str | Path, bundle: str | Path, formats: list
         if eval_set is None:
             eval_set = _probe_set(model_dir, Path(tmp) / "probe")
             name = f"{DEFAULT_PROBE_SCENES} synthetic held-out scenes (llava_edge.export.drift_summary)"
-        say(f"drift summary: {', '.join(c.split('=')[0] for c in candidates)} against the fp16 torch "
-            f"reference on {name or eval_set}")
-        report = compare(reference, candidates, eval_set, floor=None, limit=limit, attribution=False,
-                         say=say)
+        say(f"drift summary: {', '.join(specs)} against the fp16 torch reference on {name or eval_set}")
+        report = compare(reference, [f"{label}={spec}" for label, spec in specs.items()], eval_set,
+                         floor=None, limit=limit, attribution=False, say=say)
     drift: dict = {}
-    for candidate in candidates:
-        drift = record_in_bundle(bundle, report, candidate.split("=", 1)[0], eval_set=name)
+    for label in specs:
+        drift = record_in_bundle(bundle, report, label, eval_set=name)
     return drift
 
 
