@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -215,3 +216,33 @@ def write_bundle(model_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
         writer = BundleWriter(tmp, manifest)
         yield writer
         atomic_write_text(tmp / MANIFEST, manifest.to_json())
+
+
+@contextmanager
+def extend_bundle(model_dir: str | Path, bundle: str | Path, folder: str):
+    """A :class:`BundleWriter` over a copy of the existing ``bundle`` (files hard-linked where the
+    file system allows) without its ``folder/`` (``gguf``, ``tensorrt`` ...) and the components stored
+    there, for one more format from the same checkpoint; renamed over the bundle on success, so an
+    interrupted export leaves the bundle as it was."""
+    bundle = Path(bundle)
+    if not is_bundle(bundle):
+        raise ModelError(f"{bundle}: cannot add {folder} files: no bundle there (no {MANIFEST})")
+    manifest = read_manifest(bundle)
+    if manifest_for_model(model_dir).source_sha256 != manifest.source_sha256:
+        raise ModelError(f"{bundle}: the bundle was exported from another checkpoint than {model_dir} "
+                         "(source checksums differ); export into a new folder instead")
+    manifest.components = {k: c for k, c in manifest.components.items()
+                           if not c.file.startswith(folder + "/")}
+    with atomic_dir(bundle, overwrite=True) as tmp:
+        shutil.copytree(bundle, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
+                        ignore=lambda d, names: [folder, MANIFEST] if Path(d) == bundle else [])
+        writer = BundleWriter(tmp, manifest)
+        yield writer
+        atomic_write_text(tmp / MANIFEST, manifest.to_json())
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

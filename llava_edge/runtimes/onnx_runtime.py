@@ -102,16 +102,19 @@ class OnnxRuntime(Runtime):
         self._present_names = [present_name(i, k) for i in range(self.n_layers) for k in ("key", "value")]
         self._past: list | None = None  # OrtValues, one per past input
         self._past_len = 0
+        self._files: list[Path] = []
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, provider: str = "cpu", verify: bool = True,
-             threads: int | None = None, image_cache_size: int = 16) -> OnnxRuntime:
+             threads: int | None = None, components: str = "onnx", image_cache_size: int = 16) -> OnnxRuntime:
         """Load the ONNX components of the bundle at ``path``.
 
         ``provider``: cpu (default), cuda, dml, coreml or openvino. ``verify``: check every file's
         sha256 against the manifest (seconds per GB; ``False`` checks sizes only). ``threads``:
-        onnxruntime intra-op threads (default: onnxruntime's choice, one per core)."""
+        onnxruntime intra-op threads (default: onnxruntime's choice, one per core). ``components``:
+        which ONNX parts to run, ``onnx`` (default) or ``tensorrt-onnx`` (the TensorRT flavour,
+        standard operators only: how its files are checked where TensorRT is absent)."""
         bundle = Path(path).expanduser()
         manifest = read_manifest(bundle)
         providers = resolve_providers(provider)
@@ -119,23 +122,31 @@ class OnnxRuntime(Runtime):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        sessions = {}
+        sessions, files = {}, []
         for part in PARTS:
-            key = f"onnx/{part}"
+            key = f"{components}/{part}"
             if key not in manifest.components:
-                raise ModelError(f"{bundle}: the bundle has no ONNX {part} component (it has: "
+                fmt = "tensorrt" if components == "tensorrt-onnx" else "onnx"
+                raise ModelError(f"{bundle}: the bundle has no {key} component (it has: "
                                  f"{', '.join(manifest.components) or 'none'}); export it with "
-                                 "`llava-edge export MODEL --format onnx`")
+                                 f"`llava-edge export MODEL --format {fmt}`")
             file = component_path(bundle, manifest, key, verify=verify)
             _check_extra_files(bundle, manifest, key)
             sessions[part] = _load_session(file, providers, options)
+            files += [bundle / rel for rel in (manifest.components[key].file, *manifest.components[key].extra_files)]
         tokenizer = Tokenizer.from_folder(bundle)
-        return cls(
+        runtime = cls(
             sessions, manifest=manifest, bundle=bundle, device=_DEVICE_OF_PROVIDER.get(provider, "cpu"),
             tokenizer=tokenizer, template=get_template(manifest.template),
             preprocess=manifest.preprocess_config, n_image_tokens=manifest.n_image_tokens,
             image_token_id=manifest.image_token_id, image_cache_size=image_cache_size,
         )
+        runtime._files = files
+        return runtime
+
+    def model_files(self) -> list[Path]:
+        """The files this runtime loaded (for sizes in drift and bench reports)."""
+        return list(self._files)
 
     def _check_contract(self) -> None:
         """The sessions have the inputs and outputs of our ONNX parts, with consistent sizes."""

@@ -14,18 +14,12 @@ F32 file if F32 is asked for, else from an F16 file (kept only if F16 is asked f
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from llava_edge.errors import ModelError
-from llava_edge.export.bundle import (
-    MANIFEST, BundleWriter, is_bundle, manifest_for_model, read_manifest, sha256_file, write_bundle,
-)
-from llava_edge.utils.atomic import atomic_dir, atomic_write_text
+from llava_edge.export.bundle import BundleWriter, extend_bundle, sha256_file, write_bundle
 from llava_edge.export.gguf import names as N
 from llava_edge.export.gguf.check import check_pair, read_gguf_info
 from llava_edge.export.gguf.modelfile import render_modelfile
@@ -75,7 +69,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, quant: str | Sequenc
     quants, mquants = _quants(quant, "language-model"), _quants(mmproj_quant, "mmproj")
     imatrix = _imatrix(imatrix, quants)
     _source_facts(model_dir)  # configs the files cannot express fail before the weights are hashed
-    opened = extend_bundle(model_dir, out_dir) if extend else write_bundle(model_dir, out_dir,
+    opened = extend_bundle(model_dir, out_dir, GGUF_DIR) if extend else write_bundle(model_dir, out_dir,
                                                                            overwrite=overwrite)
     with opened as bundle:
         add_gguf_components(bundle, model_dir, quants, mquants, n_threads=n_threads,
@@ -103,35 +97,6 @@ def _imatrix(imatrix, quants: Sequence[str]) -> _Weighting | None:
     source = {} if isinstance(imatrix, ImportanceMatrix) else {"file": Path(imatrix).name,
                                                                  "sha256": sha256_file(imatrix)}
     return _Weighting(matrix, source)
-
-
-@contextlib.contextmanager
-def extend_bundle(model_dir: str | Path, bundle: str | Path) -> Iterator[BundleWriter]:
-    """A :class:`BundleWriter` over a copy of an existing bundle (files hard-linked where the file
-    system allows), with its ``gguf/`` components dropped; renamed over the bundle on success."""
-    bundle = Path(bundle)
-    if not is_bundle(bundle):
-        raise ModelError(f"{bundle}: extend=True needs an existing bundle there (no {MANIFEST})")
-    manifest = read_manifest(bundle)
-    source = manifest_for_model(model_dir)
-    if source.source_sha256 != manifest.source_sha256:
-        raise ModelError(f"{bundle}: the bundle was exported from another checkpoint than {model_dir} "
-                         "(source checksums differ); export into a new folder instead")
-    manifest.components = {k: c for k, c in manifest.components.items()
-                           if not k.startswith(GGUF_DIR + "/")}
-    with atomic_dir(bundle, overwrite=True) as tmp:
-        shutil.copytree(bundle, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
-                        ignore=lambda d, names: [GGUF_DIR, MANIFEST] if Path(d) == bundle else [])
-        writer = BundleWriter(tmp, manifest)
-        yield writer
-        atomic_write_text(tmp / MANIFEST, manifest.to_json())
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def add_gguf_components(bundle: BundleWriter, model_dir: str | Path, quants: Sequence[str],

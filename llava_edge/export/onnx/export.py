@@ -20,12 +20,12 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llava_edge.errors import ModelError, UserError
-from llava_edge.export.bundle import component_path
+from llava_edge.export.bundle import component_path, extend_bundle
 from llava_edge.export.onnx.files import files_of, save_model
 from llava_edge.export.onnx.specs import PARTS, SPECS, TRACE_DIMS, ModelDims, PartSpec
 from llava_edge.export.onnx.streamed import (
@@ -35,7 +35,7 @@ from llava_edge.export.onnx.validate import (
     Comparison, check_against_reference, check_against_torch, check_runs,
 )
 from llava_edge.quant.onnx_quant import (
-    STREAMED_INT4, WHOLE_GRAPH_INT4, Int4Options, convert_file, part_precisions,
+    STREAMED_INT4, WHOLE_GRAPH_INT4, Int4Options, part_precisions,
 )
 
 #: opset 20 is what DESIGN.md measured end to end (23 also runs in onnxruntime 1.31).
@@ -50,12 +50,36 @@ class ExportError(ModelError):
     """torch.onnx could not export a part."""
 
 
-def component_key(part: str) -> str:
-    return f"{FORMAT}/{part}"
+@dataclass(frozen=True)
+class Flavour:
+    """Which runtime an ONNX export targets: where its parts go in the bundle, how they are
+    converted from fp32, and the int4 settings used when none are given."""
+
+    name: str  # component keys "<name>/<part>" and the manifest's drift entry
+    folder: str  # files "<folder>/<part>.onnx"
+    converter: str  # "module:function" with convert_file's signature (imported when used)
+    whole_graph_int4: Int4Options
+    streamed_int4: Int4Options | None  # None: a streamed decoder is written fp32, then converted
+
+    def key(self, part: str) -> str:
+        return f"{self.name}/{part}"
+
+    def file(self, part: str) -> str:
+        return f"{self.folder}/{part}.onnx"
+
+    def convert(self) -> Callable:
+        module, _, function = self.converter.partition(":")
+        return getattr(__import__(module, fromlist=[function]), function)
 
 
-def part_file(part: str) -> str:
-    return f"{FORMAT}/{part}.onnx"
+#: One row per target runtime. The TensorRT flavour: standard ONNX operators only, quantized
+#: weights as DequantizeLinear (:mod:`llava_edge.export.tensorrt.onnx_parts`).
+FLAVOURS: dict[str, Flavour] = {
+    "onnx": Flavour("onnx", "onnx", "llava_edge.quant.onnx_quant:convert_file", WHOLE_GRAPH_INT4, STREAMED_INT4),
+    "tensorrt": Flavour("tensorrt-onnx", "tensorrt/onnx", "llava_edge.export.tensorrt.onnx_parts:convert_file",
+                        Int4Options(block_size=64, symmetric=True), None),
+}
+ONNXRUNTIME = FLAVOURS["onnx"]
 
 
 @contextlib.contextmanager
@@ -159,6 +183,8 @@ def export_onnx(
     parts: tuple[str, ...] = PARTS,
     validate: bool = True,
     streamed: bool | None = None,
+    flavour: str = "onnx",
+    extend: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -176,41 +202,66 @@ def export_onnx(
     ``streamed``: build the decoder from the weights instead of loading the model (see
     :mod:`.streamed`; fp32 or int4 decoders only, ``default`` int4 algorithm). None: stream when the
     checkpoint is over :data:`STREAM_ABOVE_BYTES` (a 7B model does not fit in memory in fp32).
+
+    ``flavour``: ``"onnx"`` (onnxruntime, the default) or ``"tensorrt"`` (standard operators only,
+    for TensorRT's parser; see :data:`FLAVOURS`). ``extend``: add the parts to the existing bundle at
+    ``out_dir`` (from the same checkpoint), replacing that flavour's folder.
     """
     from llava_edge.export.bundle import write_bundle
 
+    if flavour not in FLAVOURS:
+        raise UserError(f"unknown ONNX flavour {flavour!r}; choose one of: {', '.join(FLAVOURS)}")
+    fl = FLAVOURS[flavour]
     precisions = part_precisions(precision, part_precision)
     stream = checkpoint_bytes(model_dir) > STREAM_ABOVE_BYTES if streamed is None else streamed
-    int4 = int4 or (STREAMED_INT4 if stream and "decoder" in parts else WHOLE_GRAPH_INT4)
+    stream_native = stream and "decoder" in parts and fl.streamed_int4 is not None
+    int4 = int4 or (fl.streamed_int4 if stream_native else fl.whole_graph_int4)
     _check_request(precisions, parts, int4, calibration)
-    if stream and "decoder" in parts:
+    if stream_native:
         check_streamable(precisions["decoder"], int4)
     model, weights = _load_for_export(model_dir, stream)
     dims = ModelDims.from_config(model.config)
-    with write_bundle(model_dir, out_dir, overwrite=overwrite) as writer, \
-            tempfile.TemporaryDirectory(prefix="fp32-", dir=writer.root) as work, \
+    opened = (extend_bundle(model_dir, out_dir, fl.folder.split("/")[0]) if extend
+              else write_bundle(model_dir, out_dir, overwrite=overwrite))
+    with opened as writer, tempfile.TemporaryDirectory(prefix="fp32-", dir=writer.root) as work, \
             _Progress(progress) as bar:
-        writer.manifest.drift.setdefault(FORMAT, {})
+        writer.manifest.drift[fl.name] = {}
         fp32_files: dict[str, Path] = {}  # for calibration: the parts before this one, in fp32
         for name in parts:
             spec, target = SPECS[name], precisions[name]
+            if stream and name == "decoder" and not stream_native:
+                # This flavour's converter needs the whole graph: stream the fp32 decoder to a
+                # file, then convert it like any part (the converter holds it in memory).
+                fp32_path = Path(work) / f"{name}.onnx" if target != "fp32" else writer.path(fl.file(name))
+                bar.start(name, 2 + 2 * (target != "fp32"))
+                bar.step("building from the weights (fp32, streamed)")
+                export_decoder_streamed(model, weights, fp32_path, precision="fp32", opset=opset)
+                fp32_files[name] = fp32_path
+                details = {"opset": opset, "dims": asdict(dims), "part_precision": precisions, "streamed": True,
+                           "smoke_check": check_runs(spec, dims, fp32_path)}
+                bar.step("done", 1)
+                if target != "fp32":
+                    _convert_part(writer, fl, spec, dims, fp32_files, target, details, int4, calibration, bar,
+                                  tokenizer_dir=Path(model_dir))
+                _record(writer, fl, name, target, details)
+                continue
             if stream and name == "decoder":
                 bar.start(name, 2)
                 details = {"opset": opset, "dims": asdict(dims), "part_precision": precisions,
                            "streamed": True}
                 bar.step(f"building from the weights ({target}, streamed)")
-                export_decoder_streamed(model, weights, writer.path(part_file(name)), precision=target,
+                export_decoder_streamed(model, weights, writer.path(fl.file(name)), precision=target,
                                         int4=int4, opset=opset)
                 if target == "int4":
                     details["int4"] = int4.to_dict()
                 bar.step("running it", 1)
-                details["smoke_check"] = check_runs(spec, dims, writer.root / part_file(name))
+                details["smoke_check"] = check_runs(spec, dims, writer.root / fl.file(name))
                 bar.step("done", 1)
-                _record(writer, name, target, details)
+                _record(writer, fl, name, target, details)
                 continue
             converted = target != "fp32"
             bar.start(name, 2 + 2 * converted)
-            fp32_path = Path(work) / f"{name}.onnx" if converted else writer.path(part_file(name))
+            fp32_path = Path(work) / f"{name}.onnx" if converted else writer.path(fl.file(name))
             bar.step("exporting (torch.onnx dynamo)")
             module = spec.build(model).eval()
             export_part(spec, module, dims, fp32_path, opset=opset)
@@ -223,9 +274,9 @@ def export_onnx(
             if stream:
                 module.to("meta")  # its weights are in the file now: free them for the decoder
             if converted:
-                _convert_part(writer, spec, dims, fp32_files, target, details, int4, calibration, bar,
+                _convert_part(writer, fl, spec, dims, fp32_files, target, details, int4, calibration, bar,
                               tokenizer_dir=Path(model_dir))
-            _record(writer, name, target, details)
+            _record(writer, fl, name, target, details)
     return Path(out_dir)
 
 
@@ -294,15 +345,15 @@ def convert_bundle(
                     shutil.copy2(f, writer.path(f"{FORMAT}/{f.name}"))
                 bar.step("copied", 1)
             else:
-                _convert_part(writer, SPECS[name], dims, fp32_files, target, details, int4, calibration,
-                              bar, tokenizer_dir=src)
-            _record(writer, name, target, details)
+                _convert_part(writer, ONNXRUNTIME, SPECS[name], dims, fp32_files, target, details, int4,
+                              calibration, bar, tokenizer_dir=src)
+            _record(writer, ONNXRUNTIME, name, target, details)
         atomic_write_text(tmp / MANIFEST, manifest.to_json())
     return Path(out_dir)
 
 
-def _convert_part(writer, spec: PartSpec, dims: ModelDims, fp32_files: dict[str, Path], target: str,
-                  details: dict, int4: Int4Options, calibration, bar, *, tokenizer_dir: Path) -> None:
+def _convert_part(writer, fl: Flavour, spec: PartSpec, dims: ModelDims, fp32_files: dict[str, Path],
+                  target: str, details: dict, int4: Int4Options, calibration, bar, *, tokenizer_dir: Path) -> None:
     """fp32 file -> ``target`` in the bundle; records the options and the drift from fp32."""
     reader = None
     if calibration is not None and target == "int4" and int4.algorithm == "gptq":
@@ -310,21 +361,21 @@ def _convert_part(writer, spec: PartSpec, dims: ModelDims, fp32_files: dict[str,
         reader = calibration.reader(spec.name, writer.manifest, tokenizer_dir, fp32_files)
     bar.step(f"converting to {target}")
     with quiet():
-        convert_file(fp32_files[spec.name], writer.path(part_file(spec.name)), target, int4=int4,
+        fl.convert()(fp32_files[spec.name], writer.path(fl.file(spec.name)), target, int4=int4,
                      calibration=reader)
     if target == "int4":
         details["int4"] = {**int4.to_dict(), **({"calibration_samples": len(reader)} if reader else {})}
     bar.step(f"checking {target} against fp32", 1)
-    drift = check_against_reference(spec, dims, fp32_files[spec.name], writer.root / part_file(spec.name))
+    drift = check_against_reference(spec, dims, fp32_files[spec.name], writer.root / fl.file(spec.name))
     details["fp32_max_abs"] = drift.max_abs
     bar.step("done", 1)
 
 
-def _record(writer, name: str, precision: str, details: dict) -> None:
-    files = files_of(writer.root / part_file(name))
+def _record(writer, fl: Flavour, name: str, precision: str, details: dict) -> None:
+    files = files_of(writer.root / fl.file(name))
     rels = [f.relative_to(writer.root).as_posix() for f in files]
     details["extra_bytes"] = {r: (writer.root / r).stat().st_size for r in rels[1:]}
-    writer.add(component_key(name), rels[0], format=FORMAT, precision=precision, extra_files=rels[1:],
+    writer.add(fl.key(name), rels[0], format=FORMAT, precision=precision, extra_files=rels[1:],
                details=details)
-    writer.manifest.drift.setdefault(FORMAT, {})[name] = {
+    writer.manifest.drift.setdefault(fl.name, {})[name] = {
         k: details[k] for k in ("torch_max_abs", "fp32_max_abs") if k in details}
