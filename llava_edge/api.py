@@ -33,10 +33,11 @@ from llava_edge.runtimes.sampling import GenerationConfig
 
 BUNDLE, MODEL = "bundle", "model"
 
-#: What ``runtime="auto"`` tries, best first, per kind of folder. llama.cpp first: its 4-bit GGUF is
+#: What ``runtime="auto"`` tries, best first, per kind of folder. TensorRT first where the bundle has
+#: engines built for this machine's GPU (it is tried only then); then llama.cpp: its 4-bit GGUF is
 #: the smallest file and the fastest CPU decoder we measured (benchmarks/bench_runtimes_tiny.md);
 #: then onnxruntime. torch runs only model folders: it is the reference, not a deployment runtime.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {BUNDLE: ("llamacpp", "onnx"), MODEL: ("torch",)}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {BUNDLE: ("tensorrt", "llamacpp", "onnx"), MODEL: ("torch",)}
 
 #: The ONNX parts the ``onnx`` runtime loads (llava_edge.export.onnx.specs.PARTS; a test keeps the two
 #: equal — importing specs here would import onnx).
@@ -47,10 +48,12 @@ ONNX_PARTS = ("vision", "projector", "embeddings", "decoder")
 BUNDLE_NEEDS: dict[str, tuple[str, ...]] = {
     "llamacpp": ("gguf/model",),
     "onnx": tuple(f"onnx/{p}" for p in ONNX_PARTS),
+    "tensorrt": tuple(f"tensorrt/{p}" for p in ONNX_PARTS),
 }
 
 #: Which kinds of folder each built-in runtime opens.
-RUNTIME_KINDS: dict[str, tuple[str, ...]] = {"torch": (MODEL,), "llamacpp": (BUNDLE,), "onnx": (BUNDLE,)}
+RUNTIME_KINDS: dict[str, tuple[str, ...]] = {"torch": (MODEL,), "llamacpp": (BUNDLE,), "onnx": (BUNDLE,),
+                                             "tensorrt": (BUNDLE,)}
 
 _KIND_NAMES = {BUNDLE: "bundles", MODEL: "model folders"}
 

@@ -156,7 +156,8 @@ def export(
     model: Path = typer.Argument(..., help="Model folder (ours, llava-hf, or converted original LLaVA)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write."),
     formats: Optional[str] = typer.Option(None, "--formats", "--format",
-                                          help="Comma list: onnx, gguf (default: all available here)."),
+                                          help="Comma list: onnx, gguf, tensorrt (default: onnx and gguf, "
+                                               "those available here)."),
     fp32: bool = typer.Option(False, "--fp32", help="Full precision."),
     fp16: bool = typer.Option(False, "--fp16", help="Half precision everywhere."),
     int8: bool = typer.Option(False, "--int8", help="8-bit decoder (ONNX int8, GGUF Q8_0)."),
@@ -176,7 +177,7 @@ def export(
     vision_tower: Optional[Path] = typer.Option(None, help="Original-LLaVA MODEL without a tower: a local CLIP folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
 ) -> None:
-    """Export a model to a bundle of ONNX and/or GGUF files, quantized, with its drift recorded.
+    """Export a model to a bundle of ONNX, GGUF and/or TensorRT files, quantized, with its drift recorded.
 
     MODEL is a model folder of ours, a llava-hf folder, or an original-LLaVA checkpoint (converted
     on the fly)."""
@@ -203,6 +204,42 @@ def export(
 
     for line in drift_summary(read_manifest(path).drift):
         out.print(f"  drift {line}", highlight=False)
+
+
+def _axis(text: str, option: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UserError(f"{option} {text!r}: expected MIN,OPT,MAX, e.g. 1,128,2048")
+    return values
+
+
+@app.command("build-engines")
+def build_engines_command(
+    bundle: Path = typer.Argument(..., help="Bundle with TensorRT ONNX parts (`export --format tensorrt`)."),
+    seq: str = typer.Option("1,128,2048", help="Tokens per decoder call: MIN,OPT,MAX."),
+    past: str = typer.Option("0,512,2048", help="Cached positions: MIN,OPT,MAX."),
+    batch: str = typer.Option("1,1,1", help="Sequences per call: MIN,OPT,MAX."),
+    images: str = typer.Option("1,1,1", help="Images per vision call: MIN,OPT,MAX."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file: read if present, written back."),
+    weakly_typed: bool = typer.Option(False, "--weakly-typed", help="Let TensorRT choose precisions (FP16 flag) "
+                                      "instead of the ONNX file's types."),
+    workspace_gb: Optional[float] = typer.Option(None, help="Builder workspace limit in GiB."),
+) -> None:
+    """Build TensorRT engines for this machine's GPU from a bundle's TensorRT ONNX parts.
+
+    Engines are tied to the TensorRT version and GPU model: build them where they will run."""
+    from llava_edge.export.tensorrt.builder import Profile, build_engines
+
+    profile = Profile(batch=_axis(batch, "--batch"), seq=_axis(seq, "--seq"), past=_axis(past, "--past"),
+                      images=_axis(images, "--images"))
+    build_engines(bundle, profile, timing_cache=timing_cache, strongly_typed=not weakly_typed,
+                  workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+                  say=lambda text: out.print(f"[dim]{text}[/dim]", highlight=False))
+    out.print(f"[green]built[/green] the TensorRT engines in {bundle}")
 
 
 @app.command("imatrix")

@@ -219,23 +219,29 @@ def write_bundle(model_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
 
 
 @contextmanager
-def extend_bundle(model_dir: str | Path, bundle: str | Path, folder: str):
+def extend_bundle(bundle: str | Path, folder: str, *, model_dir: str | Path | None = None):
     """A :class:`BundleWriter` over a copy of the existing ``bundle`` (files hard-linked where the
-    file system allows) without its ``folder/`` (``gguf``, ``tensorrt`` ...) and the components stored
-    there, for one more format from the same checkpoint; renamed over the bundle on success, so an
-    interrupted export leaves the bundle as it was."""
+    file system allows) without its ``folder`` (``gguf``, ``tensorrt``, ``tensorrt/engines`` ...) and
+    the components stored there, to add them anew; renamed over the bundle on success, so an
+    interrupted export leaves the bundle as it was. ``model_dir``: the checkpoint the new files come
+    from, which must be the one the bundle was exported from."""
     bundle = Path(bundle)
     if not is_bundle(bundle):
         raise ModelError(f"{bundle}: cannot add {folder} files: no bundle there (no {MANIFEST})")
     manifest = read_manifest(bundle)
-    if manifest_for_model(model_dir).source_sha256 != manifest.source_sha256:
+    if model_dir is not None and manifest_for_model(model_dir).source_sha256 != manifest.source_sha256:
         raise ModelError(f"{bundle}: the bundle was exported from another checkpoint than {model_dir} "
                          "(source checksums differ); export into a new folder instead")
     manifest.components = {k: c for k, c in manifest.components.items()
                            if not c.file.startswith(folder + "/")}
+    skip = {MANIFEST, folder}
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        rel = Path(directory).relative_to(bundle)
+        return [n for n in names if (rel / n).as_posix() in skip]
+
     with atomic_dir(bundle, overwrite=True) as tmp:
-        shutil.copytree(bundle, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
-                        ignore=lambda d, names: [folder, MANIFEST] if Path(d) == bundle else [])
+        shutil.copytree(bundle, tmp, dirs_exist_ok=True, copy_function=_link_or_copy, ignore=ignore)
         writer = BundleWriter(tmp, manifest)
         yield writer
         atomic_write_text(tmp / MANIFEST, manifest.to_json())

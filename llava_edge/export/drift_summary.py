@@ -2,9 +2,10 @@
 
 After the formats are written, :func:`record_export_drift` runs the drift suite
 (:func:`llava_edge.drift.compare`) with the torch runtime on the source model in float16 as the
-reference and one candidate per runtime that reads the bundle (``onnx``, ``llamacpp``), and stores
-each candidate's summary in ``manifest.json``'s ``drift`` field under ``RUNTIME-LEVEL`` (``onnx-int4``,
-``llamacpp-int4``; rewritten atomically), so whoever
+reference and one candidate per runtime that reads the bundle (``onnx``, ``llamacpp``, and the
+TensorRT ONNX parts in onnxruntime), and stores each candidate's summary in ``manifest.json``'s
+``drift`` field under ``RUNTIME-LEVEL`` (``onnx-int4``, ``llamacpp-int4``, ``tensorrt-onnx-int4``;
+rewritten atomically), so whoever
 receives the bundle sees how far it strays before shipping it.
 
 The eval set is the user's (``--drift-eval FILE``: a LLaVA eval file, with gold answers for task
@@ -22,8 +23,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-# format written -> runtime that reads it from the bundle
-RUNTIME_OF_FORMAT = {"onnx": "onnx", "gguf": "llamacpp"}
+# format written -> (label prefix, runtime spec of what reads it from the bundle). The TensorRT
+# parts are measured in onnxruntime, which runs those exact files; engines, when built, are
+# measured by `llava-edge drift` with the tensorrt runtime on their GPU.
+RUNTIME_OF_FORMAT = {"onnx": ("onnx", "onnx:{bundle}"), "gguf": ("llamacpp", "llamacpp:{bundle}"),
+                     "tensorrt": ("tensorrt-onnx", "onnx:{bundle}?components=tensorrt-onnx")}
 DEFAULT_PROBE_SCENES = 12  # synthetic held-out scenes (a short and a multiple-choice question each)
 
 
@@ -38,7 +42,7 @@ def record_export_drift(model_dir: str | Path, bundle: str | Path, formats: list
     if importlib.util.find_spec("torch") is None:
         say("drift summary skipped: the FP16 reference runs on torch, which is not installed")
         return {}
-    specs = {f"{RUNTIME_OF_FORMAT[fmt]}-{level}": f"{RUNTIME_OF_FORMAT[fmt]}:{bundle}"
+    specs = {f"{RUNTIME_OF_FORMAT[fmt][0]}-{level}": RUNTIME_OF_FORMAT[fmt][1].format(bundle=bundle)
              for fmt in formats if fmt in RUNTIME_OF_FORMAT}  # label -> runtime spec
     if not specs:
         return {}

@@ -23,8 +23,14 @@ LEVELS = {
 FORMATS = {"onnx": "onnxruntime", "gguf": "llama_cpp", "tensorrt": "tensorrt"}
 
 
+#: Modules each format's *writer* needs (TensorRT's ONNX parts are written and checked with
+#: onnxruntime; its engines are built where TensorRT runs: ``llava-edge build-engines``).
+WRITER_NEEDS = {"onnx": "onnxruntime", "gguf": "llama_cpp", "tensorrt": "onnxruntime"}
+
+
 def available_formats() -> list[str]:
-    """Formats whose writer and runtime can run on this machine (TensorRT needs a GPU build)."""
+    """The formats written when none are named: those whose runtime runs on this machine. TensorRT is
+    written only when asked for (its engines need the target GPU)."""
     return [f for f, module in FORMATS.items()
             if f != "tensorrt" and importlib.util.find_spec(module) is not None]
 
@@ -39,11 +45,10 @@ def parse_formats(text: str | None) -> list[str]:
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"unknown format {f!r}; choose from: {', '.join(FORMATS)}")
-        if f == "tensorrt":
-            raise UserError("the tensorrt format is not available yet (issue 9); use onnx or gguf")
-        if importlib.util.find_spec(FORMATS[f]) is None:
-            raise UserError(f"format {f!r} needs {FORMATS[f]}, which is not installed "
-                            f"(pip install 'llava-edge[{f}]')")
+        if importlib.util.find_spec(WRITER_NEEDS[f]) is None:
+            extra = "onnx" if f == "tensorrt" else f
+            raise UserError(f"format {f!r} needs {WRITER_NEEDS[f]}, which is not installed "
+                            f"(pip install 'llava-edge[{extra}]')")
     return formats
 
 
@@ -76,7 +81,7 @@ def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None 
         check_model_folder(model_dir)
         formats = formats or available_formats()
         _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, part_precision, imatrix,
-                       overwrite, progress)
+                       overwrite, progress, say)
         if drift:
             from llava_edge.export.drift_summary import record_export_drift
 
@@ -85,7 +90,7 @@ def export(model_dir: str | Path, out: str | Path, *, formats: list[str] | None 
 
 
 def _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, part_precision, imatrix,
-                   overwrite, progress) -> None:
+                   overwrite, progress, say) -> None:
     onnx_precision, gguf_quant, mmproj_quant = LEVELS[level]
     written = False
     if "onnx" in formats:
@@ -104,3 +109,25 @@ def _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, p
         export_gguf(model_dir, out, quant=gguf_quants or [gguf_quant],
                     mmproj_quant=mmproj_quants or [mmproj_quant], overwrite=overwrite and not written,
                     extend=written, imatrix=imatrix)
+        written = True
+    if "tensorrt" in formats:
+        from llava_edge.export.onnx.export import export_onnx
+
+        export_onnx(model_dir, out, onnx_precision, part_precision=part_precision, flavour="tensorrt",
+                    overwrite=overwrite and not written, extend=written, progress=progress)
+        _build_engines_here(out, say)
+
+
+def _build_engines_here(out, say) -> None:
+    """Build the engines now when this machine has TensorRT and a GPU; else say how to later."""
+    from llava_edge.errors import RuntimeNotAvailable
+    from llava_edge.export.tensorrt.builder import build_engines, current_gpu, import_tensorrt
+
+    try:
+        import_tensorrt()
+        current_gpu()
+    except RuntimeNotAvailable as exc:
+        say(f"TensorRT engines not built: {exc}. The bundle holds the TensorRT ONNX parts; build the "
+            f"engines on the machine that will run them: llava-edge build-engines {out}")
+        return
+    build_engines(out, say=say)

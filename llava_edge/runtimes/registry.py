@@ -21,6 +21,8 @@ BUILTIN = {
     "torch": ("llava_edge.runtimes.torch_runtime:TorchRuntime", "pip install 'llava-edge[torch]'"),
     "onnx": ("llava_edge.runtimes.onnx_runtime:OnnxRuntime", "pip install 'llava-edge[onnx]'"),
     "llamacpp": ("llava_edge.runtimes.llamacpp_runtime:LlamaCppRuntime", "pip install 'llava-edge[gguf]'"),
+    "tensorrt": ("llava_edge.runtimes.tensorrt_runtime:TensorRTRuntime",
+                 "TensorRT from NVIDIA (pip install tensorrt) and torch with CUDA, on an NVIDIA GPU; docs/tensorrt.md"),
 }
 
 

@@ -69,7 +69,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, quant: str | Sequenc
     quants, mquants = _quants(quant, "language-model"), _quants(mmproj_quant, "mmproj")
     imatrix = _imatrix(imatrix, quants)
     _source_facts(model_dir)  # configs the files cannot express fail before the weights are hashed
-    opened = extend_bundle(model_dir, out_dir, GGUF_DIR) if extend else write_bundle(model_dir, out_dir,
+    opened = extend_bundle(out_dir, GGUF_DIR, model_dir=model_dir) if extend else write_bundle(model_dir, out_dir,
                                                                            overwrite=overwrite)
     with opened as bundle:
         add_gguf_components(bundle, model_dir, quants, mquants, n_threads=n_threads,

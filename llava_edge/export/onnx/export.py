@@ -221,7 +221,7 @@ def export_onnx(
         check_streamable(precisions["decoder"], int4)
     model, weights = _load_for_export(model_dir, stream)
     dims = ModelDims.from_config(model.config)
-    opened = (extend_bundle(model_dir, out_dir, fl.folder.split("/")[0]) if extend
+    opened = (extend_bundle(out_dir, fl.folder.split("/")[0], model_dir=model_dir) if extend
               else write_bundle(model_dir, out_dir, overwrite=overwrite))
     with opened as writer, tempfile.TemporaryDirectory(prefix="fp32-", dir=writer.root) as work, \
             _Progress(progress) as bar:
