@@ -81,19 +81,28 @@ def source_kind(path: str | Path) -> str:
                      "make a bundle with `llava-edge export MODEL --out DIR`")
 
 
+def bundle_needs(name: str, options: dict | None = None) -> tuple[str, ...]:
+    """The bundle components runtime ``name`` opened with ``options`` needs (the onnx runtime can
+    run the TensorRT ONNX parts: ``components="tensorrt-onnx"``)."""
+    components = (options or {}).get("components")
+    if name == "onnx" and components:
+        return tuple(f"{components}/{p}" for p in ONNX_PARTS)
+    return BUNDLE_NEEDS.get(name, ())
+
+
 def why_not(name: str, path: str | Path, kind: str | None = None,
-            manifest: Manifest | None = None) -> str | None:
-    """Why runtime ``name`` cannot run ``path`` — not installed, wrong kind of folder, components
-    missing — or None when it can (as far as can be told without loading anything)."""
+            manifest: Manifest | None = None, options: dict | None = None) -> str | None:
+    """Why runtime ``name`` (opened with ``options``) cannot run ``path`` — not installed, wrong kind
+    of folder, components missing — or None when it can (as far as can be told without loading)."""
     path = Path(path).expanduser()
     kind = kind or source_kind(path)
     kinds = RUNTIME_KINDS.get(name)
     if kinds is not None and kind not in kinds:
         return (f"runs {' and '.join(_KIND_NAMES[k] for k in kinds)} only"
                 + (f"; {path} is a bundle" if kind == BUNDLE else f"; {path} is a model folder"))
-    if kind == BUNDLE and name in BUNDLE_NEEDS:
+    if kind == BUNDLE and bundle_needs(name, options):
         manifest = manifest or read_manifest(path)
-        missing = [k for k in BUNDLE_NEEDS[name] if k not in manifest.components]
+        missing = [k for k in bundle_needs(name, options) if k not in manifest.components]
         if missing:
             return f"the bundle has no {', '.join(missing)}"
     try:
@@ -161,7 +170,7 @@ def load(bundle_or_model: str | Path, runtime: str = "auto", *, order: Sequence[
             raise UserError("order= is empty; name at least one runtime")
     tried: list[tuple[str, str]] = []
     for name in candidates:
-        reason = why_not(name, path, kind, manifest)
+        reason = why_not(name, path, kind, manifest, options)
         if reason is None:
             opts = dict(options)
             if threads is not None and name in THREAD_OPTION:

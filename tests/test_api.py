@@ -41,7 +41,9 @@ def test_onnx_parts_table_matches_the_exporter():
 
 
 def test_auto_takes_the_first_installed_runtime_the_bundle_supports(bundle, assistant):
-    assert assistant.runtime_name == "llamacpp" and assistant.skipped == []
+    assert assistant.runtime_name == "llamacpp"  # tensorrt comes first but the bundle has no engines
+    assert assistant.skipped == [("tensorrt", "the bundle has no tensorrt/vision, tensorrt/projector, "
+                                              "tensorrt/embeddings, tensorrt/decoder")]
     with api.load(bundle, order=["onnx", "llamacpp"], threads=1) as a:
         assert a.runtime_name == "llamacpp"
         assert a.skipped == [("onnx", "the bundle has no onnx/vision, onnx/projector, onnx/embeddings, "

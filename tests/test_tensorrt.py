@@ -262,3 +262,13 @@ def test_engines_follow_the_onnx_files_they_were_built_from(trt_bundle, test_ima
     tokens = list(rt.generate(Prompt(ids, [emb]), GenerationConfig(max_new_tokens=8, stop_token_ids=())))
     forced = rt.logits(Prompt(np.concatenate([ids, tokens]), [emb]))
     assert forced[len(ids) - 1:-1].argmax(-1).tolist() == tokens
+
+
+def test_verify_loads_the_tensorrt_parts_in_onnxruntime(trt_bundle):
+    from llava_edge.export.verify import verify_bundle_full
+
+    report = verify_bundle_full(trt_bundle("int4"), n_tokens=2)
+    assert report.ok
+    loaded = [c for c in report.checks if c.name.startswith("load onnx") and c.status == "ok"]
+    assert loaded and "components=tensorrt-onnx" in loaded[0].name
+    assert set(loaded[0].components) == {f"tensorrt-onnx/{p}" for p in PARTS}

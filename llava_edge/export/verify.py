@@ -199,12 +199,14 @@ def _load_plan(manifest: Manifest) -> list[tuple[str, dict, list[str]]]:
     """(runtime, open options, components it loads) such that every loadable component is loaded
     once: the onnx runtime on the ONNX parts; llamacpp on its default files, then on each further
     GGUF quant and each mmproj (paired, so each file is opened once)."""
-    from llava_edge.api import BUNDLE_NEEDS
+    from llava_edge.api import bundle_needs
 
     comps = manifest.components
     plan = []
-    if all(k in comps for k in BUNDLE_NEEDS["onnx"]):
-        plan.append(("onnx", {}, list(BUNDLE_NEEDS["onnx"])))
+    for options in ({}, {"components": "tensorrt-onnx"}):  # the TensorRT parts run in onnxruntime too
+        needs = bundle_needs("onnx", options)
+        if all(k in comps for k in needs):
+            plan.append(("onnx", options, list(needs)))
     models, mmprojs = _family(manifest, "gguf/model"), _family(manifest, "gguf/mmproj")
     vision_onnx = [k for k in ("onnx/vision", "onnx/projector") if k in comps]
     if models:
@@ -239,7 +241,7 @@ def _load_and_smoke(report, bundle, name, options, covers, image, n_tokens, thre
     from llava_edge.errors import RuntimeNotAvailable
 
     label = _label(name, options)
-    reason = why_not(name, bundle)
+    reason = why_not(name, bundle, options=options)
     if reason is not None:
         report.add(label, SKIPPED, reason, covers)
         return
