@@ -30,7 +30,7 @@ from llava_edge.export.onnx.specs import (
     ATTENTION_MASK, IMAGE_EMBEDS, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PARTS, PIXEL_VALUES,
     POSITION_IDS, past_name, present_name,
 )
-from llava_edge.export.tensorrt.builder import ENGINE_KEY, check_engine_matches, current_gpu
+from llava_edge.export.tensorrt.builder import ENGINE_KEY, check_engine_matches, current_gpu, trt_logger
 from llava_edge.model.templates import get_template
 from llava_edge.model.tokenizer import Tokenizer
 from llava_edge.runtimes.base import Prompt, Runtime
@@ -60,10 +60,10 @@ class _Engine:
     def __call__(self, feeds: dict) -> dict:
         """Inputs (torch tensors, any device) -> outputs (CUDA tensors), queued on torch's stream."""
         torch = self.torch
-        keep = []
+        staged = []  # the inputs' device copies, alive until the work is queued
         for name in self.inputs:
             t = feeds[name].to("cuda", dtype=self.dtypes[name]).contiguous()
-            keep.append(t)
+            staged.append(t)
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
         out = {}
@@ -104,7 +104,7 @@ class TensorRTRuntime(Runtime):
         bundle = Path(path).expanduser()
         manifest = read_manifest(bundle)
         gpu = current_gpu()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = trt.Runtime(trt_logger(trt))
         engines = {}
         for part in PARTS:
             key = f"{ENGINE_KEY}/{part}"

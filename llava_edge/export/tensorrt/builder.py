@@ -20,6 +20,7 @@ skip the kernel timing they already did.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -91,6 +92,12 @@ def import_tensorrt():
     return tensorrt
 
 
+@functools.cache
+def trt_logger(trt):
+    """One logger per process, as TensorRT expects (builders and runtimes share it)."""
+    return trt.Logger(trt.Logger.WARNING)
+
+
 def current_gpu() -> dict:
     """Name and compute capability of the CUDA device in use (engines are tied to both)."""
     try:
@@ -120,7 +127,7 @@ def check_engine_matches(bundle: Path, key: str, details: dict, version: str, gp
 def build_engine(trt, onnx_file: Path, shapes: dict, *, strongly_typed: bool = True,
                  workspace_bytes: int | None = None, timing_cache: bytes | None = None) -> tuple[bytes, bytes]:
     """(serialized engine, serialized timing cache) for one ONNX file and its profile shapes."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
