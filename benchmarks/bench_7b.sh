@@ -2,7 +2,7 @@
 # Speed and size of the llava-1.5-7b architecture exported --int4 (random fp16 weights: the figures
 # are speed and size only, never accuracy), every runtime through `llava-edge bench`.
 #
-#   bash benchmarks/bench_7b.sh [WORKDIR]        # default /tmp/llava7b; needs ~35 GB of disk
+#   . .venv/bin/activate && bash benchmarks/bench_7b.sh [WORKDIR]   # default /tmp/llava7b; needs ~35 GB of disk
 #
 # 1. a random-weight fp16 checkpoint of the preset, written shard by shard (13.2 GiB);
 # 2. `llava-edge export --int4` to ONNX (streamed decoder, int4 symmetric block 16) + GGUF (Q4_K_M,

@@ -3,7 +3,7 @@
 # raw llama.cpp on the same GGUF (`llava-edge bench`). Run `make demo` (or `llava-edge demo`) first:
 # it leaves the model in runs/demo/stage2 and the bundle in runs/demo/bundle-int4.
 #
-#   bash benchmarks/bench_demo.sh [MODEL] [BUNDLE]     # writes benchmarks/bench_demo/{bench.json,md,png}
+#   . .venv/bin/activate && bash benchmarks/bench_demo.sh [MODEL] [BUNDLE]   # writes benchmarks/bench_demo/{bench.json,md,png}
 set -euo pipefail
 MODEL=${1:-runs/demo/stage2}
 BUNDLE=${2:-runs/demo/bundle-int4}
