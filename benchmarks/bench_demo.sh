@@ -9,5 +9,5 @@ MODEL=${1:-runs/demo/stage2}
 BUNDLE=${2:-runs/demo/bundle-int4}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export OMP_WAIT_POLICY=PASSIVE
-llava-edge bench "$BUNDLE" --model "$MODEL" -r onnx -r llamacpp -r "llamacpp?vision=mmproj" -r raw-llamacpp \
+llava-edge bench "$BUNDLE" --model "$MODEL" -r torch -r onnx -r llamacpp -r "llamacpp?vision=mmproj" -r raw-llamacpp \
   --n-tokens 32 --repeats 5 --rounds 2 --out "$HERE/bench_demo"

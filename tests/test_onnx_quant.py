@@ -150,26 +150,26 @@ def _ids_of(rt, sample) -> np.ndarray:
 
 
 def test_streamed_int4_export_equals_quantizing_the_traced_decoder(bundles, tiny_model_dir, tiny_model, tmp_path):
-    from llava_edge.quant.onnx_quant import STREAMED_INT4
+    from llava_edge.quant.onnx_quant import DEFAULT_INT4
 
     out = export_onnx(tiny_model_dir, tmp_path / "streamed", "int4", streamed=True, parts=("decoder",),
                       progress=False)
     decoder = read_manifest(out).components["onnx/decoder"]
     assert decoder.precision == "int4" and decoder.details["streamed"] is True
-    assert decoder.details["int4"]["block_size"] == STREAMED_INT4.block_size  # the streamable default
+    assert decoder.details["int4"] == DEFAULT_INT4.to_dict()  # the default streams
     assert _ops(out / decoder.file)["MatMulNBits"] == 15
     # Same onnxruntime block quantizer on the same weights: the same numbers up to summation order.
-    traced = convert_bundle(bundles["fp32"], tmp_path / "traced", "int4", int4=STREAMED_INT4, progress=False)
+    traced = convert_bundle(bundles["fp32"], tmp_path / "traced", "int4", progress=False)
     dims = ModelDims.from_config(tiny_model.config)
     same = check_against_reference(SPECS["decoder"], dims, traced / "onnx/decoder.onnx", out / decoder.file)
     assert same.max_abs <= 1e-5
 
 
-def test_int4_default_is_hqq_where_the_whole_graph_is_at_hand(bundles):
-    from llava_edge.quant.onnx_quant import WHOLE_GRAPH_INT4
-
+def test_int4_default_is_symmetric_block_16(bundles):
+    """Measured best for drift and speed together (benchmarks/onnx_int4_variants.md)."""
     decoder = read_manifest(bundles["int4"]).components["onnx/decoder"]
-    assert decoder.details["int4"]["algorithm"] == WHOLE_GRAPH_INT4.algorithm == "hqq"
+    assert decoder.details["int4"] == {"block_size": 16, "symmetric": True, "accuracy_level": None,
+                                       "algorithm": "default"}
 
 
 @pytest.mark.slow

@@ -93,12 +93,12 @@ def quantize_int8(src: str | Path):
         return load_proto(out)
 
 
-#: ``--int4``'s decoder settings, the best measured on the trained demo model
-#: (benchmarks/onnx_int4_variants.md: KL to fp32 3.6e-4 with HQQ, 5.6e-4 symmetric block 16, 2.3e-3
-#: symmetric block 32): HQQ where the whole fp32 graph is at hand, else the best setting the
-#: streamed (tensor by tensor) export can write.
-WHOLE_GRAPH_INT4 = Int4Options(algorithm="hqq", symmetric=False)
-STREAMED_INT4 = Int4Options(block_size=16)
+#: ``--int4``'s decoder settings, traced or streamed (tensor by tensor, how 7B models export). On
+#: the trained demo model (benchmarks/onnx_int4_variants.md): KL to fp32 5.6e-4, top-1 95.1%, and
+#: 798 decoded tokens/s on 2 cores. HQQ (asymmetric, block 32) drifts less (3.6e-4, 96.3%) but its
+#: zero points put MatMulNBits on a slow path: 170 tokens/s, prefill 2x slower; RTN symmetric
+#: block 32: 2.3e-3, 669 tokens/s.
+DEFAULT_INT4 = Int4Options(block_size=16)
 
 
 def quantize_int4(model, options: Int4Options = Int4Options(), calibration=None):

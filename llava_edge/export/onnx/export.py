@@ -35,7 +35,7 @@ from llava_edge.export.onnx.validate import (
     Comparison, check_against_reference, check_against_torch, check_runs,
 )
 from llava_edge.quant.onnx_quant import (
-    STREAMED_INT4, WHOLE_GRAPH_INT4, Int4Options, part_precisions,
+    DEFAULT_INT4, Int4Options, part_precisions,
 )
 
 #: opset 20 is what DESIGN.md measured end to end (23 also runs in onnxruntime 1.31).
@@ -58,8 +58,8 @@ class Flavour:
     name: str  # component keys "<name>/<part>" and the manifest's drift entry
     folder: str  # files "<folder>/<part>.onnx"
     converter: str  # "module:function" with convert_file's signature (imported when used)
-    whole_graph_int4: Int4Options
-    streamed_int4: Int4Options | None  # None: a streamed decoder is written fp32, then converted
+    int4: Int4Options  # the --int4 settings when none are given
+    streams_int4: bool  # the streamed decoder writes int4 itself; False: fp32, then converted
 
     def key(self, part: str) -> str:
         return f"{self.name}/{part}"
@@ -75,9 +75,9 @@ class Flavour:
 #: One row per target runtime. The TensorRT flavour: standard ONNX operators only, quantized
 #: weights as DequantizeLinear (:mod:`llava_edge.export.tensorrt.onnx_parts`).
 FLAVOURS: dict[str, Flavour] = {
-    "onnx": Flavour("onnx", "onnx", "llava_edge.quant.onnx_quant:convert_file", WHOLE_GRAPH_INT4, STREAMED_INT4),
+    "onnx": Flavour("onnx", "onnx", "llava_edge.quant.onnx_quant:convert_file", DEFAULT_INT4, True),
     "tensorrt": Flavour("tensorrt-onnx", "tensorrt/onnx", "llava_edge.export.tensorrt.onnx_parts:convert_file",
-                        Int4Options(block_size=64, symmetric=True), None),
+                        Int4Options(block_size=64, symmetric=True), False),
 }
 ONNXRUNTIME = FLAVOURS["onnx"]
 
@@ -193,8 +193,8 @@ def export_onnx(
     ``precision``: fp32, fp16, int8 or int4; which part gets which precision is
     :func:`~llava_edge.quant.onnx_quant.part_precisions` (int4/int8 quantize the decoder and keep
     vision, projector and embeddings fp16), with ``part_precision`` overriding single parts, e.g.
-    ``{"vision": "fp32"}``. ``int4``: MatMulNBits options (default: ``WHOLE_GRAPH_INT4``, HQQ, or
-    ``STREAMED_INT4`` for a streamed decoder; the manifest records them). ``calibration``: a
+    ``{"vision": "fp32"}``. ``int4``: MatMulNBits options (default: ``DEFAULT_INT4``, symmetric
+    block 16; the manifest records them). ``calibration``: a
     :class:`~llava_edge.quant.calibration.MultimodalCalibration` (needed by the gptq algorithm).
     Every part is checked against torch (``validate``) before anything is converted; the bundle is
     written to a temporary folder and renamed at the end, so a failed export leaves nothing behind.
@@ -214,8 +214,8 @@ def export_onnx(
     fl = FLAVOURS[flavour]
     precisions = part_precisions(precision, part_precision)
     stream = checkpoint_bytes(model_dir) > STREAM_ABOVE_BYTES if streamed is None else streamed
-    stream_native = stream and "decoder" in parts and fl.streamed_int4 is not None
-    int4 = int4 or (fl.streamed_int4 if stream_native else fl.whole_graph_int4)
+    stream_native = stream and "decoder" in parts and fl.streams_int4
+    int4 = int4 or fl.int4
     _check_request(precisions, parts, int4, calibration)
     if stream_native:
         check_streamable(precisions["decoder"], int4)
@@ -320,7 +320,7 @@ def convert_bundle(
                          f"({'not fp32: ' + ', '.join(not_fp32) if not_fp32 else 'it has no ONNX parts'})")
     parts = tuple(k.split("/", 1)[1] for k in keys)
     precisions = part_precisions(precision, part_precision)
-    int4 = int4 or WHOLE_GRAPH_INT4
+    int4 = int4 or DEFAULT_INT4
     _check_request(precisions, parts, int4, calibration)
     fp32_files = {}
     for key, part in zip(keys, parts):
