@@ -121,13 +121,10 @@ def _write_formats(model_dir, out, formats, level, gguf_quants, mmproj_quants, p
 def _build_engines_here(out, say) -> None:
     """Build the engines now when this machine has TensorRT and a GPU; else say how to later."""
     from llava_edge.errors import RuntimeNotAvailable
-    from llava_edge.export.tensorrt.builder import build_engines, current_gpu, import_tensorrt
+    from llava_edge.export.tensorrt.builder import build_engines
 
     try:
-        import_tensorrt()
-        current_gpu()
+        build_engines(out, say=say)  # checks for TensorRT and a GPU before it writes anything
     except RuntimeNotAvailable as exc:
         say(f"TensorRT engines not built: {exc}. The bundle holds the TensorRT ONNX parts; build the "
             f"engines on the machine that will run them: llava-edge build-engines {out}")
-        return
-    build_engines(out, say=say)

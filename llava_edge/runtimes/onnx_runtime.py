@@ -85,7 +85,7 @@ class OnnxRuntime(Runtime):
     name = "onnx"
 
     def __init__(self, sessions: dict[str, ort.InferenceSession], *, manifest: Manifest, bundle: Path,
-                 device: str = "cpu", **kwargs):
+                 device: str = "cpu", components: str = "onnx", **kwargs):
         super().__init__(**kwargs)
         self.sessions = sessions
         self.manifest = manifest
@@ -102,7 +102,7 @@ class OnnxRuntime(Runtime):
         self._present_names = [present_name(i, k) for i in range(self.n_layers) for k in ("key", "value")]
         self._past: list | None = None  # OrtValues, one per past input
         self._past_len = 0
-        self._files: list[Path] = []
+        self.components = components  # the manifest's component prefix the sessions were loaded from
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -122,31 +122,29 @@ class OnnxRuntime(Runtime):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        sessions, files = {}, []
+        sessions = {}
         for part in PARTS:
             key = f"{components}/{part}"
             if key not in manifest.components:
-                fmt = "tensorrt" if components == "tensorrt-onnx" else "onnx"
                 raise ModelError(f"{bundle}: the bundle has no {key} component (it has: "
                                  f"{', '.join(manifest.components) or 'none'}); export it with "
-                                 f"`llava-edge export MODEL --format {fmt}`")
+                                 f"`llava-edge export MODEL --format {components.removesuffix('-onnx')}`")
             file = component_path(bundle, manifest, key, verify=verify)
             _check_extra_files(bundle, manifest, key)
             sessions[part] = _load_session(file, providers, options)
-            files += [bundle / rel for rel in (manifest.components[key].file, *manifest.components[key].extra_files)]
         tokenizer = Tokenizer.from_folder(bundle)
-        runtime = cls(
+        return cls(
             sessions, manifest=manifest, bundle=bundle, device=_DEVICE_OF_PROVIDER.get(provider, "cpu"),
+            components=components,
             tokenizer=tokenizer, template=get_template(manifest.template),
             preprocess=manifest.preprocess_config, n_image_tokens=manifest.n_image_tokens,
             image_token_id=manifest.image_token_id, image_cache_size=image_cache_size,
         )
-        runtime._files = files
-        return runtime
 
     def model_files(self) -> list[Path]:
         """The files this runtime loaded (for sizes in drift and bench reports)."""
-        return list(self._files)
+        comps = [self.manifest.components[f"{self.components}/{part}"] for part in PARTS]
+        return [self.bundle / rel for comp in comps for rel in (comp.file, *comp.extra_files)]
 
     def _check_contract(self) -> None:
         """The sessions have the inputs and outputs of our ONNX parts, with consistent sizes."""

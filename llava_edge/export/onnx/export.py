@@ -31,11 +31,12 @@ from llava_edge.export.onnx.specs import PARTS, SPECS, TRACE_DIMS, ModelDims, Pa
 from llava_edge.export.onnx.streamed import (
     CheckpointWeights, check_streamable, checkpoint_bytes, export_decoder_streamed, load_parts, meta_model,
 )
+from llava_edge.export.tensorrt import onnx_parts as tensorrt_onnx_parts
 from llava_edge.export.onnx.validate import (
     Comparison, check_against_reference, check_against_torch, check_runs,
 )
 from llava_edge.quant.onnx_quant import (
-    DEFAULT_INT4, Int4Options, part_precisions,
+    DEFAULT_INT4, Int4Options, convert_file, part_precisions,
 )
 
 #: opset 20 is what DESIGN.md measured end to end (23 also runs in onnxruntime 1.31).
@@ -57,7 +58,7 @@ class Flavour:
 
     name: str  # component keys "<name>/<part>" and the manifest's drift entry
     folder: str  # files "<folder>/<part>.onnx"
-    converter: str  # "module:function" with convert_file's signature (imported when used)
+    convert: Callable  # (fp32 file, out file, precision, *, int4, calibration) -> files written
     int4: Int4Options  # the --int4 settings when none are given
     streams_int4: bool  # the streamed decoder writes int4 itself; False: fp32, then converted
 
@@ -67,16 +68,13 @@ class Flavour:
     def file(self, part: str) -> str:
         return f"{self.folder}/{part}.onnx"
 
-    def convert(self) -> Callable:
-        module, _, function = self.converter.partition(":")
-        return getattr(__import__(module, fromlist=[function]), function)
 
 
 #: One row per target runtime. The TensorRT flavour: standard ONNX operators only, quantized
 #: weights as DequantizeLinear (:mod:`llava_edge.export.tensorrt.onnx_parts`).
 FLAVOURS: dict[str, Flavour] = {
-    "onnx": Flavour("onnx", "onnx", "llava_edge.quant.onnx_quant:convert_file", DEFAULT_INT4, True),
-    "tensorrt": Flavour("tensorrt-onnx", "tensorrt/onnx", "llava_edge.export.tensorrt.onnx_parts:convert_file",
+    "onnx": Flavour("onnx", "onnx", convert_file, DEFAULT_INT4, True),
+    "tensorrt": Flavour("tensorrt-onnx", "tensorrt/onnx", tensorrt_onnx_parts.convert_file,
                         Int4Options(block_size=64, symmetric=True), False),
 }
 ONNXRUNTIME = FLAVOURS["onnx"]
@@ -229,23 +227,7 @@ def export_onnx(
         fp32_files: dict[str, Path] = {}  # for calibration: the parts before this one, in fp32
         for name in parts:
             spec, target = SPECS[name], precisions[name]
-            if stream and name == "decoder" and not stream_native:
-                # This flavour's converter needs the whole graph: stream the fp32 decoder to a
-                # file, then convert it like any part (the converter holds it in memory).
-                fp32_path = Path(work) / f"{name}.onnx" if target != "fp32" else writer.path(fl.file(name))
-                bar.start(name, 2 + 2 * (target != "fp32"))
-                bar.step("building from the weights (fp32, streamed)")
-                export_decoder_streamed(model, weights, fp32_path, precision="fp32", opset=opset)
-                fp32_files[name] = fp32_path
-                details = {"opset": opset, "dims": asdict(dims), "part_precision": precisions, "streamed": True,
-                           "smoke_check": check_runs(spec, dims, fp32_path)}
-                bar.step("done", 1)
-                if target != "fp32":
-                    _convert_part(writer, fl, spec, dims, fp32_files, target, details, int4, calibration, bar,
-                                  tokenizer_dir=Path(model_dir))
-                _record(writer, fl, name, target, details)
-                continue
-            if stream and name == "decoder":
+            if stream_native and name == "decoder":
                 bar.start(name, 2)
                 details = {"opset": opset, "dims": asdict(dims), "part_precision": precisions,
                            "streamed": True}
@@ -262,17 +244,25 @@ def export_onnx(
             converted = target != "fp32"
             bar.start(name, 2 + 2 * converted)
             fp32_path = Path(work) / f"{name}.onnx" if converted else writer.path(fl.file(name))
-            bar.step("exporting (torch.onnx dynamo)")
-            module = spec.build(model).eval()
-            export_part(spec, module, dims, fp32_path, opset=opset)
-            fp32_files[name] = fp32_path
-            bar.step("checking against torch", 1)
             details: dict = {"opset": opset, "dims": asdict(dims), "part_precision": precisions}
-            if validate:
-                details["torch_max_abs"] = check_against_torch(spec, module, dims, fp32_path).max_abs
+            if stream and name == "decoder":
+                # A flavour whose converter needs the whole graph: the fp32 decoder is streamed to
+                # a file, then converted like any part (the converter holds it in memory).
+                bar.step("building from the weights (fp32, streamed)")
+                export_decoder_streamed(model, weights, fp32_path, precision="fp32", opset=opset)
+                bar.step("running it", 1)
+                details.update(streamed=True, smoke_check=check_runs(spec, dims, fp32_path))
+            else:
+                bar.step("exporting (torch.onnx dynamo)")
+                module = spec.build(model).eval()
+                export_part(spec, module, dims, fp32_path, opset=opset)
+                bar.step("checking against torch", 1)
+                if validate:
+                    details["torch_max_abs"] = check_against_torch(spec, module, dims, fp32_path).max_abs
+                if stream:
+                    module.to("meta")  # its weights are in the file now: free them for the decoder
+            fp32_files[name] = fp32_path
             bar.step("done", 1)
-            if stream:
-                module.to("meta")  # its weights are in the file now: free them for the decoder
             if converted:
                 _convert_part(writer, fl, spec, dims, fp32_files, target, details, int4, calibration, bar,
                               tokenizer_dir=Path(model_dir))
@@ -361,7 +351,7 @@ def _convert_part(writer, fl: Flavour, spec: PartSpec, dims: ModelDims, fp32_fil
         reader = calibration.reader(spec.name, writer.manifest, tokenizer_dir, fp32_files)
     bar.step(f"converting to {target}")
     with quiet():
-        fl.convert()(fp32_files[spec.name], writer.path(fl.file(spec.name)), target, int4=int4,
+        fl.convert(fp32_files[spec.name], writer.path(fl.file(spec.name)), target, int4=int4,
                      calibration=reader)
     if target == "int4":
         details["int4"] = {**int4.to_dict(), **({"calibration_samples": len(reader)} if reader else {})}

@@ -21,7 +21,6 @@ skip the kernel timing they already did.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,5 +184,4 @@ def build_engines(bundle: str | Path, profile: Profile = Profile(), *, parts: tu
                                 "strongly_typed": strongly_typed, "portable": False, "note": NOT_PORTABLE})
     if timing_cache:
         atomic_write_bytes(Path(timing_cache), cache)
-    say(json.dumps({p: f"{ENGINE_DIR}/{p}.engine" for p in parts}))
     return bundle

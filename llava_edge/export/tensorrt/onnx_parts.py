@@ -30,7 +30,7 @@ import numpy as np
 
 from llava_edge.errors import UserError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp16", "int8", "int4")  # what an fp32 file converts to
 #: INT4 block size along K: the smaller of the two TensorRT supports (64, 128; :mod:`.operators`),
 #: the more accurate (NVIDIA's Model Optimizer uses 128).
 DEFAULT_INT4_BLOCK = 64
@@ -99,7 +99,7 @@ def convert_file(src: str | Path, dst: str | Path, precision: str, *, int4=None,
     from llava_edge.export.tensorrt.operators import check_model
     from llava_edge.quant.onnx_quant import convert_fp16
 
-    if precision not in PRECISIONS or precision == "fp32":
+    if precision not in PRECISIONS:
         raise UserError(f"cannot convert to {precision!r} for TensorRT; choose one of: fp16, int8, int4")
     if calibration is not None:
         raise UserError("the TensorRT ONNX parts take no calibration data (weight-only quantization)")
