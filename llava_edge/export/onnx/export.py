@@ -217,6 +217,12 @@ def export_onnx(
     _check_request(precisions, parts, int4, calibration)
     if stream_native:
         check_streamable(precisions["decoder"], int4)
+    elif stream and "decoder" in parts and precisions["decoder"] != "fp32":
+        # Measured: onnxruntime's float16 converter writes a graph that does not load (an Expand
+        # typed float16 where float is expected) from the streamed decoder. Refuse before any work.
+        raise ModelError(f"{model_dir}: over {STREAM_ABOVE_BYTES >> 30} GiB, so the decoder is exported "
+                         f"streamed, and the {flavour} flavour cannot convert a streamed decoder to "
+                         f"{precisions['decoder']} yet; keep it fp32 (--part decoder=fp32)")
     model, weights = _load_for_export(model_dir, stream)
     dims = ModelDims.from_config(model.config)
     opened = (extend_bundle(out_dir, fl.folder.split("/")[0], model_dir=model_dir) if extend
