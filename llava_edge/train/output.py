@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from llava_edge.model.build import SIDECAR, save_checkpoint
+from llava_edge.train.compat import without_zero3_init
 from llava_edge.utils.atomic import atomic_dir
 
 
@@ -62,7 +63,8 @@ def export_model(trainer, *, tokenizer, out: Path, template: str, preprocess, ex
     if trainer.args.should_save:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if state_dict is not None:
-            model = rebuild()
+            with without_zero3_init():
+                model = rebuild()
             model.load_state_dict(state_dict)
         if hasattr(model, "merge_and_unload"):  # a peft model
             if adapter_dir is not None:

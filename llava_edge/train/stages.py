@@ -48,7 +48,7 @@ def trainable_summary(model) -> dict[str, int]:
     out = {"trainable": 0, "frozen": 0, "trainable_projector": 0, "trainable_vision": 0,
            "trainable_language": 0}
     for name, param in model.named_parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves each process a 0-size shard
         if not param.requires_grad:
             out["frozen"] += n
             continue
