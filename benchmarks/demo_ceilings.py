@@ -1,0 +1,134 @@
+"""Where the demo recipe loses accuracy: the pretrained LM read three ways, on the same eval questions.
+
+    python benchmarks/demo_ceilings.py --assets llava_edge/assets/demo [--stage1 RUN/stage1] [--scenes 200]
+
+Each line is short-answer exact match (and multiple-choice accuracy) of greedy answers to the eval
+split's questions (``eval_records`` of scenes ``0..N-1``, the questions ``eval.json`` holds), with
+the vicuna_v1 prompt the trained model gets. What stands where the image goes:
+
+- ``true tokens``: the scene tokens the LM was pretrained on, built from the true annotation (no
+  tower, no projector): the LM's own ceiling;
+- ``probe tokens``: scene tokens rebuilt from linear probes on the frozen tower's cell features
+  (fitted on 1000 training scenes): what any projector could reach from the tower's features;
+- ``stage-1 projector`` (with ``--stage1``): the trained projector's outputs, LM frozen as in stage 1.
+
+Used for issue 4's diagnosis (benchmarks/train_demo_report.json, ``history_of_this_recipe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from llava_edge.data.synth import scene_at, eval_records  # noqa: E402
+from llava_edge.data.world import BACKGROUNDS  # noqa: E402
+from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
+from llava_edge.pretrain.assets import VISION_FILE, demo_config, load_language_model, load_tokenizer, load_weights  # noqa: E402
+from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
+from llava_edge.pretrain.probe import fit_probe, probe_inputs  # noqa: E402
+from llava_edge.pretrain.vision import image_features  # noqa: E402
+from llava_edge.pretrain.world_batches import CELL_CLASSES, scene_batch  # noqa: E402
+from llava_edge.train.evaluate import mc_letter, normalise_answer  # noqa: E402
+
+
+@torch.no_grad()
+def score(lm, tokenizer, images: torch.Tensor, max_new_tokens: int = 8) -> dict[str, float]:
+    """Accuracy per kind and category; ``images`` [N, n_image_tokens, width] for scenes 0..N-1."""
+    template, embed = get_template("vicuna_v1"), lm.get_input_embeddings()
+    tally = collections.defaultdict(lambda: [0, 0])
+    for i, image in enumerate(images):
+        for record in eval_records(scene_at(0, "eval", i), f"eval_{i:06d}.png", 0, i):
+            question = record["conversations"][0]["value"]
+            encoded = encode_conversation(tokenizer, template, [("human", question)],
+                                          n_image_tokens=image.shape[0], add_generation_prompt=True)
+            ids = torch.tensor([encoded.input_ids])
+            step = embed(ids).masked_scatter((ids == tokenizer.image_id).unsqueeze(-1), image.unsqueeze(0))
+            past, reply = None, []
+            for _ in range(max_new_tokens):
+                out = lm(inputs_embeds=step, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                if token == tokenizer.eos_id:
+                    break
+                reply.append(token)
+                step = embed(torch.tensor([[token]]))
+            text, gold = tokenizer.decode(reply), record["answer"]
+            right = (normalise_answer(text) == normalise_answer(gold) if record["kind"] == "short"
+                     else mc_letter(text) == gold)
+            for key in (record["kind"], f"{record['kind']}/{record['category']}"):
+                tally[key][0] += right
+                tally[key][1] += 1
+    return {k: round(v[0] / v[1], 3) for k, v in sorted(tally.items()) if not k.startswith("mc/")}
+
+
+def true_tokens(tokens, n: int) -> torch.Tensor:
+    return torch.stack([tokens(scene_at(0, "eval", i)) for i in range(n)])
+
+
+def probe_tokens(tower, tokens, n: int, n_fit: int) -> tuple[torch.Tensor, dict]:
+    """Scene tokens from per-cell probe predictions (true background and positions)."""
+    fit_x, fit_y = probe_inputs(tower, 0, "train", n_fit)
+    test_x, test_y = probe_inputs(tower, 0, "eval", n)
+    predicted, right = {}, {}
+    for task, classes in CELL_CLASSES.items():
+        predict = fit_probe(fit_x[task], fit_y[task], len(classes))
+        predicted[task] = predict(test_x[task]).reshape(n, 9)
+        right[task] = predicted[task] == test_y[task].reshape(n, 9)
+    backgrounds = tuple(sorted(BACKGROUNDS))
+    cells = tokens.cells
+    images = torch.stack([
+        tokens.color[predicted["color"][i][cells]] + tokens.shape[predicted["shape"][i][cells]]
+        + tokens.size[predicted["size"][i][cells]]
+        + tokens.background[backgrounds.index(scene_at(0, "eval", i).background)] + tokens.position
+        for i in range(n)])
+    every_cell = torch.stack(list(right.values())).all(dim=0).all(dim=1)
+    return images, {"cells_right": {t: round(r.float().mean().item(), 4) for t, r in right.items()},
+                    "scenes_all_cells_right": f"{int(every_cell.sum())}/{n}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", default="llava_edge/assets/demo")
+    parser.add_argument("--stage1", help="a stage-1 output folder trained from these assets")
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--probe-scenes", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+
+    tokenizer = load_tokenizer(args.assets)
+    lm = load_language_model(args.assets, tokenizer).float().eval()
+    config = demo_config(tokenizer)
+    tokens = scene_tokens_for(config, 0)
+    tower = CLIPVisionModel(config.vision_config)
+    weights = {k: v.float() for k, v in load_weights(f"{args.assets}/{VISION_FILE}").items()}
+    tower.load_state_dict(weights)
+    tower.eval()
+
+    report = {"assets": args.assets, "scenes": args.scenes}
+    report["true tokens"] = score(lm, tokenizer, true_tokens(tokens, args.scenes))
+    print(json.dumps({"true tokens": report["true tokens"]}), flush=True)
+    images, probes = probe_tokens(tower, tokens, args.scenes, args.probe_scenes)
+    report["probe tokens"] = {**probes, **score(lm, tokenizer, images)}
+    print(json.dumps({"probe tokens": report["probe tokens"]}), flush=True)
+    if args.stage1:
+        projector = LlavaForConditionalGeneration.from_pretrained(args.stage1).model.multi_modal_projector.float()
+        with torch.no_grad():
+            pixels, _ = scene_batch(0, "eval", range(args.scenes), config.vision_config.image_size)
+            projected = projector(image_features(tower, pixels))
+        truth = true_tokens(tokens, args.scenes)
+        geometry = {"output_norm": round(projected.norm(dim=-1).mean().item(), 2),
+                    "scene_token_norm": round(truth.norm(dim=-1).mean().item(), 2),
+                    "cosine_to_scene_tokens": round(torch.cosine_similarity(projected, truth, dim=-1).mean().item(), 3)}
+        report["stage-1 projector"] = {**geometry, **score(lm, tokenizer, projected)}
+        print(json.dumps({"stage-1 projector": report["stage-1 projector"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
