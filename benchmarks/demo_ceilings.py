@@ -27,9 +27,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from llava_edge.data.synth import scene_at, eval_records  # noqa: E402
-from llava_edge.data.world import BACKGROUNDS  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import VISION_FILE, demo_config, load_language_model, load_tokenizer, load_weights  # noqa: E402
+from llava_edge.pretrain.assets import demo_config, load_language_model, load_tokenizer, load_vision_tower  # noqa: E402
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 from llava_edge.pretrain.probe import fit_probe, probe_inputs  # noqa: E402
 from llava_edge.pretrain.vision import image_features  # noqa: E402
@@ -79,12 +78,8 @@ def probe_tokens(tower, tokens, n: int, n_fit: int) -> tuple[torch.Tensor, dict]
         predict = fit_probe(fit_x[task], fit_y[task], len(classes))
         predicted[task] = predict(test_x[task]).reshape(n, 9)
         right[task] = predicted[task] == test_y[task].reshape(n, 9)
-    backgrounds = tuple(sorted(BACKGROUNDS))
-    cells = tokens.cells
     images = torch.stack([
-        tokens.color[predicted["color"][i][cells]] + tokens.shape[predicted["shape"][i][cells]]
-        + tokens.size[predicted["size"][i][cells]]
-        + tokens.background[backgrounds.index(scene_at(0, "eval", i).background)] + tokens.position
+        tokens.from_cells(*(predicted[t][i] for t in ("color", "shape", "size")), scene_at(0, "eval", i).background)
         for i in range(n)])
     every_cell = torch.stack(list(right.values())).all(dim=0).all(dim=1)
     return images, {"cells_right": {t: round(r.float().mean().item(), 4) for t, r in right.items()},
@@ -100,19 +95,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     tokenizer = load_tokenizer(args.assets)
     lm = load_language_model(args.assets, tokenizer).float().eval()
     config = demo_config(tokenizer)
     tokens = scene_tokens_for(config, 0)
-    tower = CLIPVisionModel(config.vision_config)
-    weights = {k: v.float() for k, v in load_weights(f"{args.assets}/{VISION_FILE}").items()}
-    tower.load_state_dict(weights)
-    tower.eval()
+    tower = load_vision_tower(args.assets, tokenizer).float()
 
     report = {"assets": args.assets, "scenes": args.scenes}
-    report["true tokens"] = score(lm, tokenizer, true_tokens(tokens, args.scenes))
+    truth = true_tokens(tokens, args.scenes)
+    report["true tokens"] = score(lm, tokenizer, truth)
     print(json.dumps({"true tokens": report["true tokens"]}), flush=True)
     images, probes = probe_tokens(tower, tokens, args.scenes, args.probe_scenes)
     report["probe tokens"] = {**probes, **score(lm, tokenizer, images)}
@@ -122,7 +115,6 @@ def main() -> None:
         with torch.no_grad():
             pixels, _ = scene_batch(0, "eval", range(args.scenes), config.vision_config.image_size)
             projected = projector(image_features(tower, pixels))
-        truth = true_tokens(tokens, args.scenes)
         geometry = {"output_norm": round(projected.norm(dim=-1).mean().item(), 2),
                     "scene_token_norm": round(truth.norm(dim=-1).mean().item(), 2),
                     "cosine_to_scene_tokens": round(torch.cosine_similarity(projected, truth, dim=-1).mean().item(), 3)}

@@ -38,13 +38,12 @@ from llava_edge.data.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 from llava_edge.model.templates import IGNORE_INDEX, Encoded, encode_conversation, get_template
 from llava_edge.model.tokenizer import Tokenizer
 from llava_edge.pretrain.optim import train_loop
-from llava_edge.pretrain.world_batches import patch_cells
+from llava_edge.pretrain.world_batches import patch_cells, scene_targets
 
 STAGE1_TEMPLATE = "plain"
 STAGE2_TEMPLATE = "vicuna_v1"
 GROUP_BATCHES = 8  # batches drawn together and grouped by length (less padding, as LLaVA's group_by_length)
 CONTEXTS = ("scene", "none")
-NONE = "none"
 
 
 class SceneTokens:
@@ -63,19 +62,19 @@ class SceneTokens:
 
         self.color, self.shape, self.size = table(len(COLORS) + 1), table(len(SHAPES) + 1), table(len(SIZES) + 1)
         self.background, self.position = table(len(BACKGROUNDS)), table(n_patches)
-        self._names = {"color": (NONE, *COLORS), "shape": (NONE, *SHAPES), "size": (NONE, *SIZES)}
         self._backgrounds = tuple(sorted(BACKGROUNDS))
 
     def __call__(self, scene: Scene) -> torch.Tensor:
         """[n_patches, width] tokens of one scene."""
-        per_cell = {k: [0] * 9 for k in self._names}
-        for s in scene.shapes:
-            cell = s.cell[0] * 3 + s.cell[1]
-            for key, value in (("color", s.color), ("shape", s.shape), ("size", s.size)):
-                per_cell[key][cell] = self._names[key].index(value)
-        index = {k: torch.tensor(v)[self.cells] for k, v in per_cell.items()}
-        return (self.color[index["color"]] + self.shape[index["shape"]] + self.size[index["size"]]
-                + self.background[self._backgrounds.index(scene.background)] + self.position)
+        cells = scene_targets(scene)
+        return self.from_cells(*(torch.from_numpy(cells[k]) for k in ("color", "shape", "size")), scene.background)
+
+    def from_cells(self, color: torch.Tensor, shape: torch.Tensor, size: torch.Tensor, background: str) -> torch.Tensor:
+        """[n_patches, width] tokens from per-cell class indices ([9] each, cells in reading order,
+        classes as ``world_batches.CELL_CLASSES`` numbers them, 0 = no shape)."""
+        c = self.cells
+        return (self.color[color[c]] + self.shape[shape[c]] + self.size[size[c]]
+                + self.background[self._backgrounds.index(background)] + self.position)
 
 
 @dataclass
