@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llava_edge.errors import UserError
+from llava_edge.train.demo import EVAL_SCENES
 
-EVAL_SCENES = 100
+DRIFT_RECORDS = 200  # the export's drift summary: the first 100 eval scenes' questions (short + mc)
 
 
 def demo(workdir: str | Path = "runs/demo", *, questions: int = 6, bench: bool = True, n: int = 1000,
@@ -95,7 +96,8 @@ def export_demo_bundle(model: Path, bundle: Path, eval_json: Path, *,
         return bundle
     formats = parse_formats(None)  # those available here, or an error saying what to install
     say(f"exporting it with --int4 to {bundle} ({', '.join(formats)}), drift against FP16 on the eval questions")
-    return export(model, bundle, formats=formats, level="int4", drift_eval=eval_json, progress=False, say=say)
+    return export(model, bundle, formats=formats, level="int4", drift_eval=eval_json, drift_limit=DRIFT_RECORDS,
+                  progress=False, say=say)
 
 
 def answer_side_by_side(model: Path, bundle: Path, items, *,
