@@ -296,3 +296,24 @@ def test_export_and_runtime_work_where_torch_cannot_be_imported(tiny_model_dir, 
                            str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["leaked"] == []
+
+
+def test_models_load_without_amx_buffers_on_amx_cpus_and_the_default_is_restored():
+    # On a CPU with AMX, llama.cpp 0.3.36's AMX kernels crash our bundles (SIGSEGV in llama_decode;
+    # llava_edge.export.gguf.llamacpp.cpu_has_amx): the runtime, the raw baseline and llama-cpp-python's
+    # Llama (through our_model_params) must all load with the extra buffers off there, and only there.
+    import llama_cpp.llama_cpp as low
+
+    from llava_edge.export.gguf.llamacpp import cpu_has_amx, model_params, our_model_params
+
+    import os
+
+    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = " ".join(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
+    assert cpu_has_amx() == ("amx_int8" in flags)
+    assert model_params().use_extra_bufts == (not cpu_has_amx())
+    default = low.llama_model_default_params
+    assert default().use_extra_bufts  # llama.cpp's own default: on
+    with our_model_params():
+        assert low.llama_model_default_params().use_extra_bufts == (not cpu_has_amx())
+    assert low.llama_model_default_params is default

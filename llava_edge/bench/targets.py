@@ -173,7 +173,7 @@ def measure_raw_llamacpp(spec: dict) -> dict:
     from llama_cpp import mtmd_cpp
 
     from llava_edge.errors import ModelError
-    from llava_edge.export.gguf.llamacpp import llama_logs
+    from llava_edge.export.gguf.llamacpp import llama_logs, model_params
 
     source, n_tokens = Path(spec["source"]), spec["n_tokens"]
     threads = spec.get("threads") or os.cpu_count() or 1
@@ -184,8 +184,7 @@ def measure_raw_llamacpp(spec: dict) -> dict:
 
     start = time.perf_counter()
     with llama_logs() as logs:  # llama.cpp's log, kept off the terminal
-        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
-                                                     llama_cpp.llama_model_default_params())
+        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())
         if not model:
             raise ModelError(f"llama.cpp could not load {model_path}: {logs.last_error()}")
         p = llama_cpp.llama_context_default_params()
@@ -272,12 +271,14 @@ def measure_llama_cpp_python(spec: dict) -> dict:
     import llama_cpp
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
+    from llava_edge.export.gguf.llamacpp import our_model_params
+
     source, n_tokens = Path(spec["source"]), spec["n_tokens"]
     threads = spec.get("threads") or os.cpu_count() or 1
     model_path, mmproj_path = _gguf_files(source)
     uri = "data:image/png;base64," + base64.b64encode(Path(spec["image"]).read_bytes()).decode()
     start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()), our_model_params():  # the runtime's model settings
         llm = llama_cpp.Llama(
             str(model_path), chat_handler=MTMDChatHandler(str(mmproj_path), verbose=False, use_gpu=False),
             n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)

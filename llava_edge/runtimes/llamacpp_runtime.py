@@ -34,7 +34,7 @@ from llama_cpp import mtmd_cpp
 from llava_edge.errors import ModelError, RuntimeNotAvailable, UserError
 from llava_edge.export.bundle import Manifest, component_path, load_bundle_tokenizer, read_manifest
 from llava_edge.export.gguf import check as gguf_check
-from llava_edge.export.gguf.llamacpp import llama_logs
+from llava_edge.export.gguf.llamacpp import llama_logs, model_params
 from llava_edge.model.templates import TEMPLATES, get_template
 from llava_edge.runtimes.base import Prompt, Runtime
 
@@ -325,8 +325,7 @@ def _load_llama(path: Path, *, n_ctx: int | None, n_batch: int, n_threads: int, 
                 flash_attn: bool | None):
     """(model, context, n_ctx, n_batch) — or a ModelError quoting llama.cpp's log."""
     with llama_logs() as logs:
-        params = llama_cpp.llama_model_default_params()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params())
         if not model:
             raise ModelError(f"llama.cpp could not load {path}: {logs.last_error() or 'no message'}")
         n_ctx = int(n_ctx or min(llama_cpp.llama_n_ctx_train(model), 4096))

@@ -5,6 +5,9 @@ NULL). :func:`llama_logs` routes llama.cpp's and mtmd's log into a ring buffer o
 yields a handle whose :meth:`~_Capture.last_error` quotes what went wrong, for our error messages.
 Set ``LLAVA_EDGE_LLAMACPP_VERBOSE=1`` to see the log as well. The callback is process-wide: other
 users of llama-cpp-python in the same process see their log captured too.
+
+:func:`model_params` is how every model we load is loaded: llama.cpp's defaults, less the extra
+weight buffers on CPUs with Intel AMX, where llama.cpp's AMX kernels crash (:func:`cpu_has_amx`).
 """
 
 from __future__ import annotations
@@ -78,3 +81,42 @@ def llama_logs() -> Iterator[_Capture]:
     if _callback is None:
         _install()
     yield _Capture()
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU reports Intel AMX (Linux's ``amx_int8`` flag in /proc/cpuinfo).
+
+    llama-cpp-python 0.3.36 built on such a CPU (GGML_NATIVE, its default) keeps quantized weights in
+    ggml's AMX buffers, and ``ggml_backend_amx_mul_mat`` then kills the process with SIGSEGV in the
+    first ``llama_decode`` (seen on an Intel Xeon with amx_int8, on our Q8_0 bundles: gdb's backtrace
+    ends in ggml::cpu::amx::tensor_traits::compute_forward). Without the extra buffer types the
+    same weights run through llama.cpp's ordinary CPU kernels."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+def model_params(default=None):
+    """``llama_model_default_params()`` (or ``default()``) with the extra weight buffers (AMX,
+    repacking) off where the CPU has AMX (:func:`cpu_has_amx`); elsewhere llama.cpp's defaults."""
+    import llama_cpp
+
+    params = (default or llama_cpp.llama_model_default_params)()
+    params.use_extra_bufts = not cpu_has_amx()
+    return params
+
+
+@contextlib.contextmanager
+def our_model_params() -> Iterator[None]:
+    """Within: code that starts from ``llama_model_default_params()`` (llama-cpp-python's ``Llama``,
+    which has no argument for extra buffers) gets :func:`model_params` instead."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+    low.llama_model_default_params = lambda: model_params(default)
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
