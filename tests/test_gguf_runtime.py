@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -305,8 +306,6 @@ def test_models_load_without_amx_buffers_on_amx_cpus_and_the_default_is_restored
     import llama_cpp.llama_cpp as low
 
     from llava_edge.export.gguf.llamacpp import cpu_has_amx, model_params, our_model_params
-
-    import os
 
     cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     flags = " ".join(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()

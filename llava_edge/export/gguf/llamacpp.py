@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ def llama_logs() -> Iterator[_Capture]:
     yield _Capture()
 
 
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether the CPU reports Intel AMX (Linux's ``amx_int8`` flag in /proc/cpuinfo).
 
@@ -90,10 +92,10 @@ def cpu_has_amx() -> bool:
     ggml's AMX buffers, and ``ggml_backend_amx_mul_mat`` then kills the process with SIGSEGV in the
     first ``llama_decode`` (seen on an Intel Xeon with amx_int8, on our Q8_0 bundles: gdb's backtrace
     ends in ggml::cpu::amx::tensor_traits::compute_forward). Without the extra buffer types the
-    same weights run through llama.cpp's ordinary CPU kernels."""
+    same weights run through llama.cpp's ordinary CPU kernels. Read once per process."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+            return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
     except OSError:
         return False
 
