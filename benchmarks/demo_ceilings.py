@@ -26,7 +26,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from transformers import DynamicCache  # noqa: E402
+
 from llava_edge.data.synth import scene_at, eval_records  # noqa: E402
+from llava_edge.model.cache import cache_kwargs  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
 from llava_edge.pretrain.assets import demo_config, load_language_model, load_tokenizer, load_vision_tower  # noqa: E402
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
@@ -48,10 +51,10 @@ def score(lm, tokenizer, images: torch.Tensor, max_new_tokens: int = 8) -> dict[
                                           n_image_tokens=image.shape[0], add_generation_prompt=True)
             ids = torch.tensor([encoded.input_ids])
             step = embed(ids).masked_scatter((ids == tokenizer.image_id).unsqueeze(-1), image.unsqueeze(0))
-            past, reply = None, []
+            cache, reply = DynamicCache(config=lm.config), []
             for _ in range(max_new_tokens):
-                out = lm(inputs_embeds=step, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                out = lm(inputs_embeds=step, use_cache=True, **cache_kwargs(lm, cache))
+                token = int(out.logits[0, -1].argmax())
                 if token == tokenizer.eos_id:
                     break
                 reply.append(token)

@@ -19,6 +19,7 @@ from llava_edge.export.bundle import read_manifest, verify_bundle
 from llava_edge.export.onnx import SPECS, ExportValidationError, export_onnx
 from llava_edge.export.onnx.specs import ModelDims, past_name, present_name
 from llava_edge.export.onnx.validate import cpu_session
+from llava_edge.model.cache import cache_kwargs
 from llava_edge.model.image import preprocess
 from llava_edge.model.loading import read_model_info
 
@@ -108,7 +109,7 @@ def _run_both(tiny_model, sessions, dims, embeds, mask, steps: int, rng):
             want = tiny_model(inputs_embeds=torch.from_numpy(step_embeds),
                               attention_mask=torch.from_numpy(full_mask),
                               position_ids=torch.from_numpy(seq_positions),
-                              past_key_values=cache, use_cache=True).logits.numpy()
+                              use_cache=True, **cache_kwargs(tiny_model, cache)).logits.numpy()
         valid = step_mask.astype(bool)
         diffs.append(max_diff(logits[valid], want[valid]))
         # next step: one new token per row, right after each row's last position

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from llava_edge.errors import UserError
+from llava_edge.model.cache import cache_kwargs
 from llava_edge.model.loading import load_model, load_tokenizer, read_model_info
 from llava_edge.runtimes.base import Prompt, Runtime
 
@@ -53,9 +54,8 @@ class TorchRuntime(Runtime):
 
     def _decode(self, embeds: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[1], device=self.device)[None]
-        out = self.model.model.language_model(
-            inputs_embeds=embeds, position_ids=positions, past_key_values=self._cache, use_cache=True,
-        )
+        lm = self.model.model.language_model
+        out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=True, **cache_kwargs(lm, self._cache))
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1:]
         return self.model.lm_head(hidden)[0].float()
 

@@ -157,6 +157,8 @@ def _decoder_module(model):
     import torch
     from transformers import DynamicCache
 
+    from llava_edge.model.cache import cache_kwargs
+
     class Decoder(torch.nn.Module):
         """The language model + LM head on flat past/present key-value tensors."""
 
@@ -170,7 +172,7 @@ def _decoder_module(model):
             cache = DynamicCache(ddp_cache_data=list(zip(past_key_values[0::2], past_key_values[1::2])),
                                  config=self.text_config)
             out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=cache, use_cache=True)
+                          position_ids=position_ids, use_cache=True, **cache_kwargs(self.lm, cache))
             presents = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (self.lm_head(out.last_hidden_state), *presents)
 
