@@ -124,6 +124,32 @@ def test_gold_answers_agree_with_annotations(world):
     assert checked["short"] == N_EVAL and checked["mc"] > N_EVAL // 3
 
 
+def test_lookup_drill_asks_every_lookup_with_right_answers(world):
+    """The demo LM's pretraining drill: each shape's place and size, every kind's count, present and
+    absent colour+kind pairs equally often, answers as the annotation has them; one image, first turn."""
+    from llava_edge.data.synth import drill_record
+
+    anns = {a["image"]: a for a in _load(world, "annotations")}
+    presence = Counter()
+    for i in range(0, N, 5):
+        image = f"train_{i:06d}.png"
+        record = drill_record(scene_at(0, "train", i), image, i)
+        assert record == drill_record(scene_at(0, "train", i), image, i)  # deterministic
+        turns = [t["value"] for t in record["conversations"]]
+        assert sum("<image>" in t for t in turns) == 1 and "<image>" in turns[0]
+        questions = [q.replace("<image>", "").strip() for q in turns[0::2]]
+        for question, answer in zip(questions, turns[1::2]):
+            assert answer == _expected(question, anns[image]), (image, question)
+            if question.startswith("is there a"):
+                presence[answer] += 1
+        objs = anns[image]["objects"]
+        for o in objs:
+            assert f"where is the {o['color']} {o['shape']}?" in questions
+            assert f"is the {o['color']} {o['shape']} small or large?" in questions
+        assert {f"how many {k}s are there?" for k in SHAPES} <= set(questions)
+    assert presence["yes"] == presence["no"] > 0
+
+
 def test_images_match_annotations_and_eval_is_held_out(world):
     anns = _load(world, "annotations")
     for a in anns[::7]:

@@ -64,28 +64,67 @@ def short_questions(scene: Scene, rng: random.Random) -> list[QA]:
         QA("count", "how many shapes are there?", NUMBERS[len(shapes)], NUMBERS[1:]),
         QA("background", "what color is the background?", scene.background, tuple(sorted(BACKGROUNDS))),
     ]
-    kind = rng.choice(SHAPES)
-    qas.append(QA("count_shape", f"how many {kind}s are there?", NUMBERS[scene.count(kind)], NUMBERS))
+    qas.append(_count_shape(scene, rng.choice(SHAPES)))
     unique_kind = [s for s in shapes if scene.count(shape=s.shape) == 1]
     if unique_kind:
-        s = rng.choice(unique_kind)
-        qas.append(QA("color", f"what color is the {s.shape}?", s.color, tuple(COLORS)))
+        qas.append(_color(rng.choice(unique_kind)))
     unique_color = [s for s in shapes if scene.count(color=s.color) == 1]
     if unique_color:
-        s = rng.choice(unique_color)
-        qas.append(QA("shape", f"what shape is the {s.color} object?", s.shape, SHAPES))
-    s = rng.choice(shapes)
-    qas.append(QA("position", f"where is the {s.name}?", s.position, tuple(POSITIONS.values())))
-    s = rng.choice(shapes)
-    qas.append(QA("size", f"is the {s.name} small or large?", s.size, SIZES))
+        qas.append(_shape(rng.choice(unique_color)))
+    qas.append(_position(rng.choice(shapes)))
+    qas.append(_size(rng.choice(shapes)))
     present = {(s.color, s.shape) for s in shapes}
     if rng.random() < 0.5:
         color, kind = rng.choice(sorted(present))
     else:
         color, kind = rng.choice([(c, k) for c in COLORS for k in SHAPES if (c, k) not in present])
-    answer = "yes" if (color, kind) in present else "no"
-    qas.append(QA("presence", f"is there a {color} {kind}?", answer, ("yes", "no")))
+    qas.append(_presence(scene, color, kind))
     return qas
+
+
+def lookup_questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """Every look-up the scene answers, shuffled: each shape's place and size, the colour of each
+    kind that occurs once, the kind of each colour that occurs once, every kind's count, and every
+    present colour+kind pair with as many absent ones (yes and no equally often)."""
+    qas = []
+    for s in scene.shapes:
+        qas += [_position(s), _size(s)]
+        if scene.count(shape=s.shape) == 1:
+            qas.append(_color(s))
+        if scene.count(color=s.color) == 1:
+            qas.append(_shape(s))
+    qas += [_count_shape(scene, kind) for kind in SHAPES]
+    present = sorted({(s.color, s.shape) for s in scene.shapes})
+    absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
+    qas += [_presence(scene, c, k) for c, k in present + rng.sample(absent, len(present))]
+    rng.shuffle(qas)
+    return qas
+
+
+# The short questions, one phrasing each (short_questions and lookup_questions ask the same way).
+def _count_shape(scene: Scene, kind: str) -> QA:
+    return QA("count_shape", f"how many {kind}s are there?", NUMBERS[scene.count(kind)], NUMBERS)
+
+
+def _color(s: Shape) -> QA:
+    return QA("color", f"what color is the {s.shape}?", s.color, tuple(COLORS))
+
+
+def _shape(s: Shape) -> QA:
+    return QA("shape", f"what shape is the {s.color} object?", s.shape, SHAPES)
+
+
+def _position(s: Shape) -> QA:
+    return QA("position", f"where is the {s.name}?", s.position, tuple(POSITIONS.values()))
+
+
+def _size(s: Shape) -> QA:
+    return QA("size", f"is the {s.name} small or large?", s.size, SIZES)
+
+
+def _presence(scene: Scene, color: str, kind: str) -> QA:
+    answer = "yes" if scene.count(shape=kind, color=color) else "no"
+    return QA("presence", f"is there a {color} {kind}?", answer, ("yes", "no"))
 
 
 def reasoning_questions(scene: Scene, rng: random.Random) -> list[QA]:

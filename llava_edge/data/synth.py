@@ -30,6 +30,7 @@ from .language import (
     QA,
     caption,
     description,
+    lookup_questions,
     multiple_choice,
     reasoning_questions,
     short_questions,
@@ -140,6 +141,16 @@ def stage2_records(scene: Scene, image: str, seed: int, i: int) -> list[dict]:
         "mc": mc_turns,
     }
     return [to_json_record(f"{rid}_{kind}", image, turns[kind]) for kind in STAGE2_KINDS]
+
+
+def drill_record(scene: Scene, image: str, i: int) -> dict:
+    """Every look-up the scene answers (:func:`~.language.lookup_questions`) as one conversation.
+
+    Not part of the LLaVA files ``synth()`` writes: the demo LM's pretraining adds it to each
+    scene's records (:mod:`llava_edge.pretrain.language` says why). Its order and which absent
+    pairs are asked depend on the scene's index only."""
+    rng = random.Random(f"drill:{i}")
+    return to_json_record(f"{image.removesuffix('.png')}_drill", image, _qa_turns(lookup_questions(scene, rng), rng))
 
 
 def eval_records(scene: Scene, image: str, seed: int, i: int) -> list[dict]:

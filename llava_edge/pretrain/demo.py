@@ -9,9 +9,9 @@ The recipe, top to bottom (:func:`pretrain_demo`):
    layer -2 patch features predict each scene's annotation (:mod:`.vision`); linear probes on held-out
    scenes score it against the same tower at initialisation (:mod:`.probe`);
 3. the language model (``LlamaForCausalLM`` as ``llava_config(...).text_config``), trained on the
-   world's conversations in the chat templates with *scene tokens* where the image goes: fixed
-   random vectors naming what each patch's grid cell holds, never pixels nor the tower's features
-   (:mod:`.language` says why); held-out loss before and after;
+   world's conversations and a look-up drill in the chat templates with *scene tokens* where the
+   image goes: fixed random vectors naming what each patch's grid cell holds, never pixels nor the
+   tower's features (:mod:`.language` says why); held-out loss before and after;
 4. ``vision.safetensors`` and ``language.safetensors`` (fp16), ``tokenizer.json`` and ``pretrain.json``
    (seed, command, configuration, metrics, sha256 of the files), written to a temporary folder and
    renamed into place.
@@ -142,7 +142,8 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
         },
         "language": {
             "objective": "next-token loss on every token of text-only world conversations "
-                         "(stage-1 caption pairs in 'plain', stage-2 records in 'vicuna_v1'); in place of "
+                         "(stage-1 caption pairs in 'plain', stage-2 records and the look-up drill in "
+                         "'vicuna_v1'); in place of "
                          "the image: " + ("scene tokens (fixed random vectors per patch naming the colour, kind "
                                           "and size in its grid cell, the background and the position; "
                                           "pretrain.language.SceneTokens)" if c.language_context == "scene"

@@ -2,11 +2,17 @@
 
 The Vicuna stand-in learns the world's language, the chat layouts it will be prompted with, and to
 answer from what stands in its context where the image goes. Every training scene's records (the
-stage-1 caption pair and the four stage-2 instruction kinds) are encoded by
-:func:`encode_conversation`, the caption pair with the ``plain`` template and the instructions with
-``vicuna_v1``. Unlike LLaVA's instruction tuning, the loss covers every text token (a base LM models
-questions too); the held-out figures report all tokens and the assistant's replies alone. Held-out
-conversations come from the world's eval split, whose scenes never occur in training.
+stage-1 caption pair, the four stage-2 instruction kinds and a *look-up drill*) are encoded by
+:func:`encode_conversation`, the caption pair with the ``plain`` template and the others with
+``vicuna_v1``. The drill (``synth.drill_record``) asks every look-up the scene answers, a named
+shape's place, size or colour, a kind's count, whether a colour+kind is there, in one conversation:
+the stage-2 records ask about one of each per scene, too few for a 4-layer LM to learn to look a
+named shape up among the image tokens. With it the LM answers 80.8% of the eval split's short
+questions from the true scene tokens after 2000 steps, against 73.0% without (500 scenes; issue 4's
+note). Stage 2 trains on the LLaVA-style records alone. Unlike LLaVA's instruction tuning, the loss
+covers every text token (a base LM models questions too); the held-out figures report all tokens and
+the assistant's replies alone. Held-out conversations come from the world's eval split, whose scenes
+never occur in training.
 
 What stands where the image goes (``context``):
 
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_edge.data.records import IMAGE_TOKEN
-from llava_edge.data.synth import scene_at, stage1_record, stage2_records
+from llava_edge.data.synth import drill_record, scene_at, stage1_record, stage2_records
 from llava_edge.data.world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 from llava_edge.model.templates import IGNORE_INDEX, Encoded, encode_conversation, get_template
 from llava_edge.model.tokenizer import Tokenizer
@@ -83,21 +89,26 @@ class Sample:
     image: torch.Tensor | None  # [n_image_tokens, width] scene tokens, or None (no image in the text)
 
 
+def pretraining_records(scene: Scene, image: str, seed: int, i: int) -> list[tuple[str, dict]]:
+    """(template name, LLaVA record) of everything the LM pretrains on for scene ``i``: the world's
+    caption pair in ``plain``, its four stage-2 records and the look-up drill in ``vicuna_v1``."""
+    return [(STAGE1_TEMPLATE, stage1_record(scene, image, seed)),
+            *((STAGE2_TEMPLATE, r) for r in stage2_records(scene, image, seed, i)),
+            (STAGE2_TEMPLATE, drill_record(scene, image, i))]
+
+
 def scene_conversations(seed: int, split: str, i: int,
                         context: str = "scene") -> tuple[Scene, list[tuple[str, list[tuple[str, str]]]]]:
-    """(the scene, [(template name, turns)]) of every record the world writes for scene ``i``;
-    ``<image>`` kept for ``"scene"``, removed for ``"none"``."""
+    """(the scene, [(template name, turns)]) of :func:`pretraining_records` for scene ``i`` of
+    ``split``; ``<image>`` kept for ``"scene"``, removed for ``"none"``."""
     if context not in CONTEXTS:
         raise ValueError(f"context {context!r}: expected one of {', '.join(CONTEXTS)}")
     scene = scene_at(seed, split, i)
-    image = f"{split}_{i:06d}.png"
-    records = [stage1_record(scene, image, seed)] + stage2_records(scene, image, seed, i)
-    templates = [STAGE1_TEMPLATE] + [STAGE2_TEMPLATE] * (len(records) - 1)
     keep = context == "scene"
     return scene, [
         (name, [(t["from"], t["value"] if keep else t["value"].replace(IMAGE_TOKEN, "").strip())
                 for t in record["conversations"]])
-        for name, record in zip(templates, records)
+        for name, record in pretraining_records(scene, f"{split}_{i:06d}.png", seed, i)
     ]
 
 
