@@ -75,6 +75,9 @@ def train_demo_model(workdir: Path, *, n: int = 1000, n_eval: int = EVAL_SCENES,
     if report_file.is_file() and (work / "stage2" / "config.json").is_file():
         report = json.loads(report_file.read_text())
         say(f"demo model: {work / 'stage2'} (cached; delete it and {work / 'report.json'} to train again)")
+        if _trained_from_other_assets(work):
+            say(f"note: {work / 'stage2'} was trained from other demo assets than llava_edge/assets/demo has "
+                f"now (they changed since); delete {work} to train from the current ones")
     else:
         say(f"training the demo model in {work}: stage 1 then stage 2 on {n} synthetic scenes "
             "(about 8 minutes on 2 cores)")
@@ -84,6 +87,20 @@ def train_demo_model(workdir: Path, *, n: int = 1000, n_eval: int = EVAL_SCENES,
     say(f"demo model, torch fp32, on {report['n_eval_scenes']} held-out scenes: "
         f"exact match {scores['exact_match']:.0%}, multiple choice {scores['mc_accuracy']:.0%}")
     return work / "stage2", work / "world", scores
+
+
+def _trained_from_other_assets(work: Path) -> bool:
+    """Whether the cached run's base recorded other asset files (sha256) than the committed assets
+    have; False where either side cannot be read (a random base, no pretrain package)."""
+    from llava_edge.model.build import SIDECAR
+
+    try:
+        from llava_edge.pretrain.assets import DEMO_ASSETS, read_record
+
+        used = json.loads((work / "base" / SIDECAR).read_text())["pretrained"]["files"]
+        return used != read_record(DEMO_ASSETS).get("files")
+    except (ImportError, OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def export_demo_bundle(model: Path, bundle: Path, eval_json: Path, *,
