@@ -40,7 +40,7 @@ import llava_edge.pretrain.language as language  # noqa: E402
 from demo_ceilings import score  # noqa: E402
 from llava_edge.data.records import GPT, HUMAN, IMAGE_TOKEN, to_json_record  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
-from llava_edge.data.world import POSITIONS  # noqa: E402
+from llava_edge.data.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES  # noqa: E402
 from llava_edge.pretrain.demo import DemoPretrainConfig  # noqa: E402
 
 DEFAULTS = DemoPretrainConfig()
@@ -59,7 +59,8 @@ class Run:
         self.config = demo_config(self.tokenizer)
         self.tokens = language.scene_tokens_for(self.config, DEFAULTS.seed)
         self.records = language.pretraining_records
-        self.to_embeddings = None  # lm, batch image tensor -> scene tokens (for tokens learned with the LM)
+        self.forward = language.forward
+        self.to_embeddings = None  # lm, image tensor -> scene tokens (for tokens learned with the LM)
 
 
 def cell_position(run: Run) -> None:
@@ -103,20 +104,32 @@ def word_embeddings(run: Run) -> None:
             raise ValueError(f"{w!r} is {len(ids)} tokens")
         return ids[0]
 
+    words = {*COLORS, *SHAPES, *SIZES, *BACKGROUNDS, *(w for name in POSITIONS.values() for w in name.split())}
+    ids = {w: word(w) for w in words}  # tokenised once, not per patch
+
     def counts(scene) -> torch.Tensor:
         """[n_patches, vocab]: how often each word names the patch's cell."""
-        words = {r * 3 + c: name.split() for (r, c), name in POSITIONS.items()}
+        per_cell = torch.zeros(len(POSITIONS), vocab)
+        for (r, c), name in POSITIONS.items():
+            for w in name.split() + [scene.background]:
+                per_cell[r * 3 + c, ids[w]] += 1
         for s in scene.shapes:
-            words[s.cell[0] * 3 + s.cell[1]] += [s.color, s.shape, s.size]
-        m = torch.zeros(len(cells), vocab)
-        for p, cell in enumerate(cells.tolist()):
-            for w in words[cell] + [scene.background]:
-                m[p, word(w)] += 1
-        return m
+            for w in (s.color, s.shape, s.size):
+                per_cell[s.cell[0] * 3 + s.cell[1], ids[w]] += 1
+        return per_cell[cells]
+
+    def to_embeddings(lm, image: torch.Tensor) -> torch.Tensor:
+        return image @ lm.get_input_embeddings().weight
+
+    base = run.forward  # captured: measure() installs ``forward`` in its place
+
+    def forward(lm, batch, image_id, labels="labels"):
+        if "image_tokens" in batch:
+            batch = {**batch, "image_tokens": to_embeddings(lm, batch["image_tokens"])}
+        return base(lm, batch, image_id, labels)
 
     counts.cells = cells  # what encode_scenes counts the image tokens by
-    run.tokens = counts
-    run.to_embeddings = lambda lm, image: image @ lm.get_input_embeddings().weight
+    run.tokens, run.forward, run.to_embeddings = counts, forward, to_embeddings
 
 
 def layers(run: Run, n: str) -> None:
@@ -146,13 +159,7 @@ def measure(spec: str, steps: int, scenes: int) -> dict:
     run = Run()
     apply(run, spec)
     saved = language.pretraining_records, language.forward
-    forward = language.forward
-    if run.to_embeddings is not None:
-        def forward(lm, batch, image_id, labels="labels"):
-            if "image_tokens" in batch:
-                batch = {**batch, "image_tokens": run.to_embeddings(lm, batch["image_tokens"])}
-            return saved[1](lm, batch, image_id, labels)
-    language.pretraining_records, language.forward = run.records, forward
+    language.pretraining_records, language.forward = run.records, run.forward
     try:
         torch.manual_seed(DEFAULTS.seed)
         lm = LlamaForCausalLM(run.config.text_config)
