@@ -17,7 +17,10 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``single-turn``: the stage-2 ``conversation`` record split into one single-turn record per question;
 - ``word-embeddings``: a scene token is the sum of the LM's own input embeddings of the words naming
   the cell (colour, kind, size, place) and the background, learned with the LM;
-- ``layers=N``: an N-layer LM; ``rope-theta=X``: RoPE base X.
+- ``reply-loss``: the loss on the replies only (the committed LM learns every text token);
+- ``drills=N``: N look-up drills per scene, each in its own order; ``drop=mc,reasoning``: those
+  records left out;
+- ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``rope-theta=X``: RoPE base X.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava_edge.pretrain.language as language  # noqa: E402
 from demo_ceilings import score  # noqa: E402
 from llava_edge.data.records import GPT, HUMAN, IMAGE_TOKEN, to_json_record  # noqa: E402
-from llava_edge.data.synth import scene_at  # noqa: E402
+from llava_edge.data.language import lookup_questions  # noqa: E402
+from llava_edge.data.synth import _qa_turns, scene_at  # noqa: E402
 from llava_edge.data.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES  # noqa: E402
 from llava_edge.pretrain.demo import DemoPretrainConfig  # noqa: E402
 
@@ -61,18 +65,13 @@ class Run:
         self.records = language.pretraining_records
         self.forward = language.forward
         self.to_embeddings = None  # lm, image tensor -> scene tokens (for tokens learned with the LM)
+        self.lr = DEFAULTS.language_lr
 
 
 def cell_position(run: Run) -> None:
     t, width = run.tokens, run.config.text_config.hidden_size
     g = torch.Generator().manual_seed(DEFAULTS.seed + 99)
     t.position = (torch.randn(len(POSITIONS), width, generator=g) / math.sqrt(width))[t.cells]
-
-
-def no_drill(run: Run) -> None:
-    records = run.records
-    run.records = lambda scene, image, seed, i: [(t, r) for t, r in records(scene, image, seed, i)
-                                                 if not r["id"].endswith("_drill")]
 
 
 def single_turn(run: Run) -> None:
@@ -132,6 +131,41 @@ def word_embeddings(run: Run) -> None:
     run.tokens, run.forward, run.to_embeddings = counts, forward, to_embeddings
 
 
+def drop(run: Run, kinds: str) -> None:
+    """Leave the records whose id ends in one of ``kinds`` (``mc,reasoning``) out of pretraining."""
+    records, ends = run.records, tuple(f"_{k}" for k in kinds.split(","))
+    run.records = lambda scene, image, seed, i: [(t, r) for t, r in records(scene, image, seed, i)
+                                                 if not r["id"].endswith(ends)]
+
+
+def drills(run: Run, n: str) -> None:
+    """``n`` look-up drills per scene, each in its own order (the first is the committed one)."""
+    records = run.records
+
+    def more(scene, image, seed, i):
+        out = records(scene, image, seed, i)
+        for k in range(1, int(n)):
+            rng = random.Random(f"drill:{k}:{i}")
+            turns = _qa_turns(lookup_questions(scene, rng), rng)
+            out.append((language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_drill{k}", image, turns)))
+        return out
+
+    run.records = more
+
+
+def reply_loss(run: Run) -> None:
+    base = run.forward
+
+    def forward(lm, batch, image_id, labels="labels"):
+        return base(lm, batch, image_id, "reply_labels" if labels == "labels" else labels)
+
+    run.forward = forward
+
+
+def lr(run: Run, x: str) -> None:
+    run.lr = float(x)
+
+
 def layers(run: Run, n: str) -> None:
     run.config.text_config.num_hidden_layers = int(n)
 
@@ -140,9 +174,9 @@ def rope_theta(run: Run, x: str) -> None:
     run.config.text_config.rope_parameters = {**(run.config.text_config.rope_parameters or {}), "rope_theta": float(x)}
 
 
-VARIANTS = {"committed": lambda run: None, "no-drill": no_drill, "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "layers": layers,
-            "rope-theta": rope_theta}
+VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
+            "lr": lr, "drop": drop, "drills": drills, "layers": layers, "rope-theta": rope_theta}
 
 
 def apply(run: Run, spec: str) -> None:
@@ -166,7 +200,7 @@ def measure(spec: str, steps: int, scenes: int) -> dict:
         started = time.perf_counter()
         losses = language.train_language(
             lm, run.tokenizer, run.tokens, steps=steps, batch_size=DEFAULTS.language_batch_size,
-            lr=DEFAULTS.language_lr, weight_decay=DEFAULTS.language_weight_decay, warmup=DEFAULTS.warmup,
+            lr=run.lr, weight_decay=DEFAULTS.language_weight_decay, warmup=DEFAULTS.warmup,
             world_seed=DEFAULTS.seed, order_seed=DEFAULTS.seed)
         seconds = time.perf_counter() - started
     finally:
