@@ -20,7 +20,8 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``reply-loss``: the loss on the replies only (the committed LM learns every text token);
 - ``drills=N``: N look-up drills per scene, each in its own order; ``drop=mc,reasoning``: those
   records left out;
-- ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``rope-theta=X``: RoPE base X.
+- ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``heads=H,KV``: H query heads,
+  KV key/value heads; ``init=X``: initialisation standard deviation X; ``rope-theta=X``: RoPE base X.
 """
 
 from __future__ import annotations
@@ -170,13 +171,25 @@ def layers(run: Run, n: str) -> None:
     run.config.text_config.num_hidden_layers = int(n)
 
 
+def heads(run: Run, spec: str) -> None:
+    """``heads=H,KV``: H query heads and KV key/value heads of width hidden/H."""
+    h, kv = (int(x) for x in spec.split(","))
+    text = run.config.text_config
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = h, kv, text.hidden_size // h
+
+
+def init(run: Run, x: str) -> None:
+    """Weights drawn with standard deviation X (transformers' ``initializer_range``, 0.02 by default)."""
+    run.config.text_config.initializer_range = float(x)
+
+
 def rope_theta(run: Run, x: str) -> None:
     run.config.text_config.rope_parameters = {**(run.config.text_config.rope_parameters or {}), "rope_theta": float(x)}
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
             "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
-            "lr": lr, "drop": drop, "drills": drills, "layers": layers, "rope-theta": rope_theta}
+            "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
 def apply(run: Run, spec: str) -> None:
