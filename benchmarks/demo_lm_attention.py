@@ -1,14 +1,22 @@
-"""Does the demo LM look a named shape up? Its attention to the named shape's patches, per head.
+"""Does the demo LM look a named shape up, and at which token? Its attention to the named shape's patches.
 
-    python benchmarks/demo_lm_attention.py [--assets llava_edge/assets/demo] [--scenes 150]
+    python benchmarks/demo_lm_attention.py [--assets llava_edge/assets/demo] [--lm LM.safetensors] [--scenes 150]
 
 For every three-shape scene among the eval split's first ``--scenes``, the pretrained LM is asked,
 from the true scene tokens (as ``demo_ceilings.py``'s first line), where each shape is (``where is
-the red triangle?``) and, when its kind occurs once, its colour (``what color is the triangle?``).
-For each layer and head, the script averages the attention weight that the answer position (the
-last prompt token) puts on the named shape's patches and on the other two shapes' patches. A head
-that looks the shape up puts most of it on the named shape; a head that only finds shapes splits it
-about 1 : 2 (``named_to_others`` near 0.5 over all heads). A diagnostic for issue 4 (why colour and place stay the weakest look-ups), not a test.
+the red triangle?``), its colour when its kind occurs once (``what color is the triangle?``: keyed
+by kind) and its kind when its colour occurs once (``what shape is the red object?``: keyed by
+colour). At every token from the image's end to the answer position (the last prompt token) the
+script sums, per layer and head, the attention weight on the named shape's patches and on the other
+two shapes' patches. A head that looks the shape up puts most of it on the named shape; a head that
+only finds shapes splits it about 1 : 2. Printed per question token: ``all`` (named : others over
+every head; 0.5 = no preference) and the head with the highest ratio among those putting at least
+5% of their weight on shapes.
+
+Used for issue 4's diagnosis: the committed LM looks shapes up by colour (layer 0, head 0, at the
+colour word) and by nothing else, so questions keyed by kind only (colour of a named kind, count of
+a kind) are answered by averaging over all shapes. ``--lm`` scores a language model saved by
+``demo_lm_variants.py --save`` instead of the assets' one.
 """
 
 from __future__ import annotations
@@ -21,18 +29,30 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from llava_edge.data.language import _color, _position  # noqa: E402
+from llava_edge.data.language import _color, _position, _shape  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import demo_config, load_language_model, load_tokenizer  # noqa: E402
+from llava_edge.pretrain.assets import demo_config, load_into, load_language_model, load_tokenizer, load_weights  # noqa: E402
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
+
+
+def questions(scene, shape) -> dict:
+    """{kind: QA} asked about ``shape``: its place always, its colour/kind where that names it."""
+    asks = {"position": _position(shape)}
+    if scene.count(shape=shape.shape) == 1:
+        asks["color"] = _color(shape)
+    if scene.count(color=shape.color) == 1:
+        asks["shape"] = _shape(shape)
+    return asks
 
 
 @torch.no_grad()
 def attention_to_shapes(lm, tokenizer, tokens, n_scenes: int) -> dict:
-    """{question kind: {"questions": n, "layer L": [[named, others] per head]}}."""
+    """{kind: {"questions": n, "tokens": [{token, all, best_head, ratio, weight} per question token]}}."""
     template, embed = get_template("vicuna_v1"), lm.get_input_embeddings()
-    sums: dict[str, torch.Tensor] = {}
+    cell = torch.as_tensor(tokens.cells)
+    sums: dict[str, torch.Tensor] = {}  # kind -> [question tokens, layers, heads, 2]
+    words: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     for i in range(n_scenes):
         scene = scene_at(0, "eval", i)
@@ -40,51 +60,69 @@ def attention_to_shapes(lm, tokenizer, tokens, n_scenes: int) -> dict:
             continue
         image = tokens(scene)
         for shape in scene.shapes:
-            asks = {"position": _position(shape)}
-            if scene.count(shape=shape.shape) == 1:
-                asks["color"] = _color(shape)
-            for kind, qa in asks.items():
+            named = cell == shape.cell[0] * 3 + shape.cell[1]
+            others = torch.zeros_like(named)
+            for other in scene.shapes:
+                if other is not shape:
+                    others |= cell == other.cell[0] * 3 + other.cell[1]
+            for kind, qa in questions(scene, shape).items():
                 encoded = encode_conversation(tokenizer, template, [("human", f"<image>\n{qa.question}")],
                                               n_image_tokens=image.shape[0], add_generation_prompt=True)
                 ids = torch.tensor([encoded.input_ids])
                 slots = (ids[0] == tokenizer.image_id).nonzero()[:, 0]
                 inputs = embed(ids).masked_scatter((ids == tokenizer.image_id).unsqueeze(-1), image.unsqueeze(0))
                 attentions = lm(inputs_embeds=inputs, output_attentions=True).attentions
-                cell = torch.as_tensor(tokens.cells)
-                named = cell == shape.cell[0] * 3 + shape.cell[1]
-                others = torch.zeros_like(named)
-                for other in scene.shapes:
-                    if other is not shape:
-                        others |= cell == other.cell[0] * 3 + other.cell[1]
-                # [layers, heads, 2]: weight on the named shape's patches, on the others'
-                rows = torch.stack([a[0, :, -1, slots] for a in attentions])
+                after = torch.arange(int(slots[-1]) + 1, ids.shape[1])  # the question and the reply prompt
+                # [tokens, layers, heads, 64]
+                rows = torch.stack([a[0][:, after][..., slots].transpose(0, 1) for a in attentions], 1)
                 share = torch.stack([rows[..., named].sum(-1), rows[..., others].sum(-1)], -1)
+                # every question of a kind has the same words but for the names: align from the end
+                if kind in sums and sums[kind].shape[0] != share.shape[0]:
+                    n = min(sums[kind].shape[0], share.shape[0])
+                    sums[kind], share = sums[kind][-n:], share[-n:]
+                    words[kind] = words[kind][-n:]
                 sums[kind] = sums.get(kind, 0) + share
+                words.setdefault(kind, [tokenizer.decode([int(t)]) for t in ids[0, after]])
                 counts[kind] = counts.get(kind, 0) + 1
-    return {kind: {"questions": counts[kind],
-                   # over all heads: 0.5 when the named shape gets no more than each other shape
-                   "named_to_others": round(float(total[..., 0].sum() / total[..., 1].sum()), 3),
-                   **{f"layer {layer}": [[round(x, 3) for x in head] for head in (total / counts[kind])[layer].tolist()]
-                      for layer in range(total.shape[0])}}
-            for kind, total in sums.items()}
+    report = {}
+    for kind, total in sums.items():
+        rows = []
+        for word, t in zip(words[kind], total):
+            ratio = t[..., 0] / t[..., 1].clamp_min(1e-9)
+            on_shapes = t.sum(-1) / counts[kind]
+            ratio = torch.where(on_shapes >= 0.05, ratio, torch.zeros_like(ratio))
+            layer, head = divmod(int(ratio.argmax()), ratio.shape[1])
+            rows.append({"token": word, "all": round(float(t[..., 0].sum() / t[..., 1].sum()), 3),
+                         "best_head": f"layer {layer} head {head}", "ratio": round(float(ratio.max()), 2),
+                         "weight_on_shapes": round(float(on_shapes[layer, head]), 3)})
+        report[kind] = {"questions": counts[kind], "tokens": rows}
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", default="llava_edge/assets/demo")
+    parser.add_argument("--lm", help="a language model's weights (demo_lm_variants.py --save) instead of the assets'")
     parser.add_argument("--scenes", type=int, default=150, help="eval scenes looked at (the three-shape ones are used)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.assets)
     lm = load_language_model(args.assets, tokenizer).float().eval()
+    if args.lm:
+        load_into(lm, load_weights(args.lm), "language model", args.lm)
     lm.set_attn_implementation("eager")  # the fused kernels return no attention weights
     tokens = scene_tokens_for(demo_config(tokenizer), 0)
-    report = {"assets": args.assets, "scenes": args.scenes,
-              "read_as": "[weight on the named shape's patches, weight on the other two shapes' patches] per head, "
-                         "from the answer position",
+    report = {"assets": args.assets, "lm": args.lm or "the assets'", "scenes": args.scenes,
               **attention_to_shapes(lm, tokenizer, tokens, args.scenes)}
-    print(json.dumps(report, indent=1))
+    for kind, entry in report.items():
+        if not isinstance(entry, dict):
+            continue
+        print(f"{kind} ({entry['questions']} questions)")
+        for row in entry["tokens"]:
+            print(f"  {row['token']!r:14} all {row['all']:.2f}   best {row['best_head']}: "
+                  f"{row['ratio']:.2f} ({row['weight_on_shapes']:.2f} of its weight on shapes)")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``drills=N``: N look-up drills per scene, each in its own order; ``drop=mc,reasoning``: those
   records left out;
 - ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``heads=H,KV``: H query heads,
-  KV key/value heads; ``init=X``: initialisation standard deviation X; ``rope-theta=X``: RoPE base X.
+  KV key/value heads; ``init=X``: initialisation standard deviation X; ``rope-theta=X``: RoPE base X;
+- ``inventory=N``: N more records per scene listing the shapes kind first; ``louder=shape:2``: one
+  part of the scene tokens scaled; ``embed-init=in,out``: the LM's colour, kind and size words start
+  aligned with the scene tokens (see each function).
+
+``--save DIR`` keeps each variant's LM (``DIR/VARIANT.safetensors``) for ``demo_lm_attention.py --lm``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import llava_edge.pretrain.language as language  # noqa: E402
 from demo_ceilings import score  # noqa: E402
 from llava_edge.data.records import GPT, HUMAN, IMAGE_TOKEN, to_json_record  # noqa: E402
 from llava_edge.data.language import lookup_questions  # noqa: E402
-from llava_edge.data.synth import _qa_turns, scene_at  # noqa: E402
+from llava_edge.data.synth import _first_turn, _qa_turns, scene_at  # noqa: E402
 from llava_edge.data.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES  # noqa: E402
 from llava_edge.pretrain.demo import DemoPretrainConfig  # noqa: E402
 
@@ -154,6 +159,61 @@ def drills(run: Run, n: str) -> None:
     run.records = more
 
 
+def inventory(run: Run, n: str = "1") -> None:
+    """``inventory=N``: N records per scene listing the shapes kind first (``circle red large top
+    left; square ...``; the first by kind, the others in random orders), so the token after a shape
+    word is an attribute of that kind: a next-token signal for a look-up keyed by kind, which the
+    world's texts never give (they name size, colour, then kind)."""
+    records = run.records
+
+    def more(scene, image, seed, i):
+        out = records(scene, image, seed, i)
+        for k in range(int(n)):
+            rng = random.Random(f"inventory:{k}:{i}")
+            shapes = (sorted(scene.shapes, key=lambda s: (SHAPES.index(s.shape), s.cell)) if k == 0
+                      else rng.sample(scene.shapes, len(scene.shapes)))
+            listing = "; ".join(f"{s.shape} {s.color} {s.size} {s.position}" for s in shapes)
+            turns = _first_turn("list the shapes by kind." if k == 0 else "list the shapes.", rng)
+            out.append((language.STAGE2_TEMPLATE,
+                        to_json_record(f"{image[:-4]}_inventory{k}", image, turns + [(GPT, f"{listing}.")])))
+        return out
+
+    run.records = more
+
+
+def louder(run: Run, spec: str) -> None:
+    """``louder=shape:2``: that part of every scene token (colour, shape, size) scaled by 2."""
+    part, _, factor = spec.partition(":")
+    setattr(run.tokens, part, getattr(run.tokens, part) * float(factor))
+
+
+def embed_init(run: Run, where: str = "in,out") -> None:
+    """``embed-init=in,out``: the LM's input embedding (``in``) and/or output (``out``) rows of every
+    colour, kind (singular and plural) and size word start as that word's scene-token table row, at
+    the initialisation's scale: the LM starts out with its words and the scene tokens aligned."""
+    run.lm_init = getattr(run, "lm_init", [])
+
+    def init(lm) -> None:
+        t, tok = run.tokens, run.tokenizer
+        scale = run.config.text_config.initializer_range * math.sqrt(run.config.text_config.hidden_size)
+        rows = {}
+        for table, names in ((t.color, COLORS), (t.shape, SHAPES), (t.size, SIZES)):
+            for k, name in enumerate(names, start=1):  # row 0 = no shape
+                rows[name] = table[k]
+                if table is t.shape:
+                    rows[name + "s"] = table[k]
+        with torch.no_grad():
+            for word, row in rows.items():
+                (token,) = tok.encode(" " + word)
+                vec = row / row.norm() * scale
+                if "in" in where:
+                    lm.get_input_embeddings().weight[token] = vec
+                if "out" in where:
+                    lm.get_output_embeddings().weight[token] = vec
+
+    run.lm_init.append(init)
+
+
 def reply_loss(run: Run) -> None:
     base = run.forward
 
@@ -188,7 +248,7 @@ def rope_theta(run: Run, x: str) -> None:
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "louder": louder, "embed-init": embed_init,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
@@ -200,7 +260,7 @@ def apply(run: Run, spec: str) -> None:
         VARIANTS[name](run, *([arg] if arg else []))
 
 
-def measure(spec: str, steps: int, scenes: int) -> dict:
+def measure(spec: str, steps: int, scenes: int, save: str | None = None) -> dict:
     from transformers import LlamaForCausalLM
 
     run = Run()
@@ -210,6 +270,8 @@ def measure(spec: str, steps: int, scenes: int) -> dict:
     try:
         torch.manual_seed(DEFAULTS.seed)
         lm = LlamaForCausalLM(run.config.text_config)
+        for init_lm in getattr(run, "lm_init", []):
+            init_lm(lm)
         started = time.perf_counter()
         losses = language.train_language(
             lm, run.tokenizer, run.tokens, steps=steps, batch_size=DEFAULTS.language_batch_size,
@@ -218,6 +280,11 @@ def measure(spec: str, steps: int, scenes: int) -> dict:
         seconds = time.perf_counter() - started
     finally:
         language.pretraining_records, language.forward = saved
+    if save:
+        from llava_edge.pretrain.assets import save_weights
+
+        Path(save).mkdir(parents=True, exist_ok=True)
+        save_weights(lm.state_dict(), Path(save) / f"{spec}.safetensors")
     with torch.no_grad():
         images = torch.stack([run.tokens(scene_at(DEFAULTS.seed, "eval", i)) for i in range(scenes)])
         if run.to_embeddings is not None:
@@ -232,10 +299,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="LM pretraining steps per variant")
     parser.add_argument("--scenes", type=int, default=300, help="eval scenes scored")
     parser.add_argument("--threads", type=int, default=DEFAULTS.threads)
+    parser.add_argument("--save", help="folder to write each variant's LM to (VARIANT.safetensors), for "
+                                       "demo_lm_attention.py --lm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for spec in args.variants:
-        print(json.dumps(measure(spec, args.steps, args.scenes)), flush=True)
+        print(json.dumps(measure(spec, args.steps, args.scenes, args.save)), flush=True)
 
 
 if __name__ == "__main__":
