@@ -13,8 +13,11 @@ only finds shapes splits it about 1 : 2. Printed per question token: ``all`` (na
 every head; 0.5 = no preference) and the head with the highest ratio among those putting at least
 5% of their weight on shapes.
 
-Used for issue 4's diagnosis: the committed LM looks shapes up by colour (layer 0, head 0, at the
-colour word) and by nothing else, so questions keyed by kind only (colour of a named kind, count of
+Last, from the weights alone: layer 0's logit gap, per head, between patches holding the colour
+(kind) a query word names and patches holding another (:func:`key_selectivity`).
+
+Used for issue 4's diagnosis: the committed LM looks shapes up by colour (layer 0, heads 0 and 1, at the
+colour word: logit gaps 5.9 and 4.4) and by nothing else (no head's kind-keyed gap exceeds 0.4), so questions keyed by kind only (colour of a named kind, count of
 a kind) are answered by averaging over all shapes. ``--lm`` scores a language model saved by
 ``demo_lm_variants.py --save`` instead of the assets' one.
 """
@@ -99,6 +102,36 @@ def attention_to_shapes(lm, tokenizer, tokens, n_scenes: int) -> dict:
     return report
 
 
+@torch.no_grad()
+def key_selectivity(lm, tokenizer, tokens) -> dict:
+    """Layer 0's preference, per head, for patches holding the attribute its query word names.
+
+    For every colour word (and every kind word), the logit a head gives a patch with that colour
+    (kind) minus the logit it gives a patch with another one, averaged over the other attribute's
+    values; the patch's size is "small", its background and position the tables' means. From the
+    weights alone (q and k projections, no RoPE): a look-up head shows a gap of several logits."""
+    from llava_edge.data.world import COLORS, SHAPES
+
+    layer = lm.model.layers[0]
+    attn, norm, config = layer.self_attn, layer.input_layernorm, lm.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    width = config.hidden_size // heads
+    embed = lm.get_input_embeddings().weight
+    rest = tokens.size[1] + tokens.background.mean(0) + tokens.position.mean(0)
+
+    def gaps(words, table, other) -> list[float]:
+        total = torch.zeros(heads)
+        for a, word in enumerate(words, start=1):  # table row 0 is "no shape"
+            q = attn.q_proj(norm(embed[tokenizer.encode(" " + word)[0]])).view(heads, width)
+            logits = torch.stack([torch.stack([
+                (q * attn.k_proj(norm(table[b] + other[o] + rest)).view(kv, width).repeat_interleave(heads // kv, 0)).sum(-1)
+                for o in range(1, len(other))]).mean(0) for b in range(1, len(words) + 1)]) / width ** 0.5
+            total += logits[a - 1] - torch.cat([logits[: a - 1], logits[a:]]).mean(0)
+        return [round(x, 2) for x in (total / len(words)).tolist()]
+
+    return {"colour_keyed": gaps(COLORS, tokens.color, tokens.shape), "kind_keyed": gaps(SHAPES, tokens.shape, tokens.color)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", default="llava_edge/assets/demo")
@@ -116,12 +149,15 @@ def main() -> None:
     report = {"assets": args.assets, "lm": args.lm or "the assets'", "scenes": args.scenes,
               **attention_to_shapes(lm, tokenizer, tokens, args.scenes)}
     for kind, entry in report.items():
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or "tokens" not in entry:
             continue
         print(f"{kind} ({entry['questions']} questions)")
         for row in entry["tokens"]:
             print(f"  {row['token']!r:14} all {row['all']:.2f}   best {row['best_head']}: "
                   f"{row['ratio']:.2f} ({row['weight_on_shapes']:.2f} of its weight on shapes)")
+    report["layer 0 key selectivity"] = key_selectivity(lm, tokenizer, tokens)
+    for key, per_head in report["layer 0 key selectivity"].items():
+        print(f"layer 0, {key.replace('_', ' ')}: logit gap per head {per_head}")
     print(json.dumps(report))
 
 

@@ -181,6 +181,41 @@ def inventory(run: Run, n: str = "1") -> None:
     run.records = more
 
 
+def warmup_inventory(run: Run, n: str) -> None:
+    """``warmup-inventory=N``: the first N training scenes give three kind-first listings each
+    (``inventory=3``'s records) and nothing else, so a look-up keyed by kind is learned before the
+    colour-keyed one can stand in for it; later scenes give the committed records."""
+    records, only = run.records, Run()
+    inventory(only, "3")
+
+    def warm(scene, image, seed, i):
+        if i < int(n):
+            return [r for r in only.records(scene, image, seed, i) if "_inventory" in r[1]["id"]]
+        return records(scene, image, seed, i)
+
+    run.records = warm
+
+
+def kind_names(run: Run) -> None:
+    """``kind-names``: the drill names a shape whose kind occurs once by its kind alone (``where is
+    the triangle?``), so its place and size questions need the look-up keyed by kind."""
+    records = run.records
+
+    def rename(scene, image, seed, i):
+        out = []
+        for template, record in records(scene, image, seed, i):
+            if record["id"].endswith("_drill"):
+                record = json.loads(json.dumps(record))
+                for turn in record["conversations"]:
+                    for shape in scene.shapes:
+                        if scene.count(shape=shape.shape) == 1:
+                            turn["value"] = turn["value"].replace(f"the {shape.color} {shape.shape}", f"the {shape.shape}")
+            out.append((template, record))
+        return out
+
+    run.records = rename
+
+
 def louder(run: Run, spec: str) -> None:
     """``louder=shape:2``: that part of every scene token (colour, shape, size) scaled by 2."""
     part, _, factor = spec.partition(":")
@@ -248,7 +283,7 @@ def rope_theta(run: Run, x: str) -> None:
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "louder": louder, "embed-init": embed_init,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "louder": louder, "embed-init": embed_init, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
