@@ -108,7 +108,6 @@ def run_bundle(bundle: Path, new_tokens: int = 16) -> dict:
 
     from llava_edge.runtimes.base import Prompt
     from llava_edge.runtimes.onnx_runtime import OnnxRuntime
-    from llava_edge.runtimes.sampling import GenerationConfig
 
     t = time.perf_counter()
     rt = OnnxRuntime.open(bundle, verify=False)
