@@ -159,41 +159,36 @@ def drills(run: Run, n: str) -> None:
     run.records = more
 
 
+def inventory_records(scene, image: str, i: int, n: int) -> list[tuple[str, dict]]:
+    """N records listing the shapes kind first (``circle red large top left; square ...``; the
+    first by kind, the others in random orders), so the token after a shape word is an attribute of
+    that kind: a next-token signal for a look-up keyed by kind, which the world's texts never give
+    (they name size, colour, then kind)."""
+    out = []
+    for k in range(n):
+        rng = random.Random(f"inventory:{k}:{i}")
+        shapes = (sorted(scene.shapes, key=lambda s: (SHAPES.index(s.shape), s.cell)) if k == 0
+                  else rng.sample(scene.shapes, len(scene.shapes)))
+        listing = "; ".join(f"{s.shape} {s.color} {s.size} {s.position}" for s in shapes)
+        turns = _first_turn("list the shapes by kind." if k == 0 else "list the shapes.", rng)
+        out.append((language.STAGE2_TEMPLATE,
+                    to_json_record(f"{image[:-4]}_inventory{k}", image, turns + [(GPT, f"{listing}.")])))
+    return out
+
+
 def inventory(run: Run, n: str = "1") -> None:
-    """``inventory=N``: N records per scene listing the shapes kind first (``circle red large top
-    left; square ...``; the first by kind, the others in random orders), so the token after a shape
-    word is an attribute of that kind: a next-token signal for a look-up keyed by kind, which the
-    world's texts never give (they name size, colour, then kind)."""
+    """``inventory=N``: :func:`inventory_records` added to every scene's records."""
     records = run.records
-
-    def more(scene, image, seed, i):
-        out = records(scene, image, seed, i)
-        for k in range(int(n)):
-            rng = random.Random(f"inventory:{k}:{i}")
-            shapes = (sorted(scene.shapes, key=lambda s: (SHAPES.index(s.shape), s.cell)) if k == 0
-                      else rng.sample(scene.shapes, len(scene.shapes)))
-            listing = "; ".join(f"{s.shape} {s.color} {s.size} {s.position}" for s in shapes)
-            turns = _first_turn("list the shapes by kind." if k == 0 else "list the shapes.", rng)
-            out.append((language.STAGE2_TEMPLATE,
-                        to_json_record(f"{image[:-4]}_inventory{k}", image, turns + [(GPT, f"{listing}.")])))
-        return out
-
-    run.records = more
+    run.records = lambda scene, image, seed, i: records(scene, image, seed, i) + inventory_records(scene, image, i, int(n))
 
 
 def warmup_inventory(run: Run, n: str) -> None:
     """``warmup-inventory=N``: the first N training scenes give three kind-first listings each
-    (``inventory=3``'s records) and nothing else, so a look-up keyed by kind is learned before the
-    colour-keyed one can stand in for it; later scenes give the committed records."""
-    records, only = run.records, Run()
-    inventory(only, "3")
-
-    def warm(scene, image, seed, i):
-        if i < int(n):
-            return [r for r in only.records(scene, image, seed, i) if "_inventory" in r[1]["id"]]
-        return records(scene, image, seed, i)
-
-    run.records = warm
+    (:func:`inventory_records`) and nothing else, so a look-up keyed by kind can be learned before
+    the colour-keyed one stands in for it; later scenes give the records before this variant."""
+    records = run.records
+    run.records = lambda scene, image, seed, i: (inventory_records(scene, image, i, 3) if i < int(n)
+                                                 else records(scene, image, seed, i))
 
 
 def kind_names(run: Run) -> None:
