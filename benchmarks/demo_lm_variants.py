@@ -22,7 +22,8 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
   records left out;
 - ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``heads=H,KV``: H query heads,
   KV key/value heads; ``init=X``: initialisation standard deviation X; ``rope-theta=X``: RoPE base X;
-- ``inventory=N``: N more records per scene listing the shapes kind first; ``louder=shape:2``: one
+- ``inventory=N``: N more records per scene listing the shapes kind first; ``colour-inventory``: one
+  listing them colour first, place next; ``louder=shape:2``: one
   part of the scene tokens scaled; ``embed-init=in,out``: the LM's colour, kind and size words start
   aligned with the scene tokens (see each function).
 
@@ -176,6 +177,23 @@ def inventory_records(scene, image: str, i: int, n: int) -> list[tuple[str, dict
     return out
 
 
+def colour_inventory_records(scene, image: str, i: int) -> list[tuple[str, dict]]:
+    """One record listing the shapes colour first, place next (``red top left large circle; ...``),
+    in random order: the colour-keyed look-up the LM learns anyway (for the kind that follows a colour
+    word) gets a next-token signal to fetch the place and size too, which a question like ``where is
+    the red circle?`` then needs only to read back from the colour word."""
+    rng = random.Random(f"colour-inventory:{i}")
+    listing = "; ".join(f"{s.color} {s.position} {s.size} {s.shape}" for s in rng.sample(scene.shapes, len(scene.shapes)))
+    turns = _first_turn("list the shapes by color.", rng) + [(GPT, f"{listing}.")]
+    return [(language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_colour_inventory", image, turns))]
+
+
+def colour_inventory(run: Run) -> None:
+    """``colour-inventory``: :func:`colour_inventory_records` added to every scene's records."""
+    records = run.records
+    run.records = lambda scene, image, seed, i: records(scene, image, seed, i) + colour_inventory_records(scene, image, i)
+
+
 def inventory(run: Run, n: str = "1") -> None:
     """``inventory=N``: :func:`inventory_records` added to every scene's records."""
     records = run.records
@@ -278,7 +296,7 @@ def rope_theta(run: Run, x: str) -> None:
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "louder": louder, "embed-init": embed_init, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "colour-inventory": colour_inventory, "louder": louder, "embed-init": embed_init, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
