@@ -25,7 +25,7 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``inventory=N``: N more records per scene listing the shapes kind first; ``colour-inventory``: one
   listing them colour first, place next; ``louder=shape:2``: one
   part of the scene tokens scaled; ``embed-init=in,out``: the LM's colour, kind and size words start
-  aligned with the scene tokens (see each function).
+  aligned with the scene tokens; ``from-committed``: continue from the committed LM (see each function).
 
 ``--save DIR`` keeps each variant's LM (``DIR/VARIANT.safetensors``) for ``demo_lm_attention.py --lm``.
 """
@@ -262,6 +262,18 @@ def embed_init(run: Run, where: str = "in,out") -> None:
     run.lm_init.append(init)
 
 
+def from_committed(run: Run) -> None:
+    """``from-committed``: start from the committed assets' LM instead of a fresh initialisation
+    (continued pretraining; the schedule restarts: warm-up, then the decay, over ``--steps``)."""
+    from llava_edge.pretrain.assets import DEMO_ASSETS, LANGUAGE_FILE, load_into, load_weights
+
+    def init(lm) -> None:
+        path = Path(DEMO_ASSETS) / LANGUAGE_FILE
+        load_into(lm, load_weights(path), "language model", path)
+
+    run.lm_init = [init, *getattr(run, "lm_init", [])]
+
+
 def reply_loss(run: Run) -> None:
     base = run.forward
 
@@ -296,7 +308,7 @@ def rope_theta(run: Run, x: str) -> None:
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "colour-inventory": colour_inventory, "louder": louder, "embed-init": embed_init, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "colour-inventory": colour_inventory, "louder": louder, "embed-init": embed_init, "from-committed": from_committed, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
