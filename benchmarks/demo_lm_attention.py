@@ -120,14 +120,17 @@ def key_selectivity(lm, tokenizer, tokens) -> dict:
     rest = tokens.size[1] + tokens.background.mean(0) + tokens.position.mean(0)
 
     def gaps(words, table, other) -> list[float]:
-        total = torch.zeros(heads)
-        for a, word in enumerate(words, start=1):  # table row 0 is "no shape"
-            q = attn.q_proj(norm(embed[tokenizer.encode(" " + word)[0]])).view(heads, width)
-            logits = torch.stack([torch.stack([
-                (q * attn.k_proj(norm(table[b] + other[o] + rest)).view(kv, width).repeat_interleave(heads // kv, 0)).sum(-1)
-                for o in range(1, len(other))]).mean(0) for b in range(1, len(words) + 1)]) / width ** 0.5
-            total += logits[a - 1] - torch.cat([logits[: a - 1], logits[a:]]).mean(0)
-        return [round(x, 2) for x in (total / len(words)).tolist()]
+        n = len(words)  # table rows 1..n are the words' (row 0 is "no shape")
+        # keys [n, other's values, heads, width] of patches holding attribute b and other's value o
+        patches = table[1:, None] + other[None, 1:] + rest
+        keys = attn.k_proj(norm(patches)).view(n, -1, kv, width).repeat_interleave(heads // kv, 2)
+        ids = [tokenizer.encode(" " + word)[0] for word in words]
+        queries = attn.q_proj(norm(embed[ids])).view(n, heads, width)
+        # logits [query word a, attribute b, heads], averaged over the other attribute's values
+        logits = torch.einsum("ahd,bohd->abh", queries, keys) / keys.shape[1] / width ** 0.5
+        same = logits.diagonal().T  # [n, heads]
+        others = (logits.sum(1) - same) / (n - 1)
+        return [round(x, 2) for x in (same - others).mean(0).tolist()]
 
     return {"colour_keyed": gaps(COLORS, tokens.color, tokens.shape), "kind_keyed": gaps(SHAPES, tokens.shape, tokens.color)}
 

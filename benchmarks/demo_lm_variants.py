@@ -72,6 +72,7 @@ class Run:
         self.records = language.pretraining_records
         self.forward = language.forward
         self.to_embeddings = None  # lm, image tensor -> scene tokens (for tokens learned with the LM)
+        self.lm_init: list = []  # functions of the freshly built LM, applied in order before training
         self.lr = DEFAULTS.language_lr
 
 
@@ -239,8 +240,6 @@ def embed_init(run: Run, where: str = "in,out") -> None:
     """``embed-init=in,out``: the LM's input embedding (``in``) and/or output (``out``) rows of every
     colour, kind (singular and plural) and size word start as that word's scene-token table row, at
     the initialisation's scale: the LM starts out with its words and the scene tokens aligned."""
-    run.lm_init = getattr(run, "lm_init", [])
-
     def init(lm) -> None:
         t, tok = run.tokens, run.tokenizer
         scale = run.config.text_config.initializer_range * math.sqrt(run.config.text_config.hidden_size)
@@ -271,7 +270,7 @@ def from_committed(run: Run) -> None:
         path = Path(DEMO_ASSETS) / LANGUAGE_FILE
         load_into(lm, load_weights(path), "language model", path)
 
-    run.lm_init = [init, *getattr(run, "lm_init", [])]
+    run.lm_init.insert(0, init)  # before any variant that edits the initial weights
 
 
 def reply_loss(run: Run) -> None:
@@ -308,7 +307,9 @@ def rope_theta(run: Run, x: str) -> None:
 
 
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
-            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss, "inventory": inventory, "colour-inventory": colour_inventory, "louder": louder, "embed-init": embed_init, "from-committed": from_committed, "warmup-inventory": warmup_inventory, "kind-names": kind_names,
+            "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
+            "inventory": inventory, "colour-inventory": colour_inventory, "warmup-inventory": warmup_inventory,
+            "kind-names": kind_names, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
@@ -330,7 +331,7 @@ def measure(spec: str, steps: int, scenes: int, save: str | None = None) -> dict
     try:
         torch.manual_seed(DEFAULTS.seed)
         lm = LlamaForCausalLM(run.config.text_config)
-        for init_lm in getattr(run, "lm_init", []):
+        for init_lm in run.lm_init:
             init_lm(lm)
         started = time.perf_counter()
         losses = language.train_language(
