@@ -74,6 +74,8 @@ class Run:
         self.to_embeddings = None  # lm, image tensor -> scene tokens (for tokens learned with the LM)
         self.lm_init: list = []  # functions of the freshly built LM, applied in order before training
         self.lr = DEFAULTS.language_lr
+        self.batch_size = DEFAULTS.language_batch_size
+        self.reply_weight = DEFAULTS.language_reply_weight
 
 
 def cell_position(run: Run) -> None:
@@ -274,16 +276,23 @@ def from_committed(run: Run) -> None:
 
 
 def reply_loss(run: Run) -> None:
-    base = run.forward
+    """``reply-loss``: the loss on the replies alone, as a reply weight of 1e6 (a prompt token's
+    share vanishes)."""
+    run.reply_weight = 1e6
 
-    def forward(lm, batch, image_id, labels="labels"):
-        return base(lm, batch, image_id, "reply_labels" if labels == "labels" else labels)
 
-    run.forward = forward
+def reply_weight(run: Run, x: str) -> None:
+    """``reply-weight=X``: each reply token weighs X times a prompt token in the loss
+    (``language.weighted_loss``)."""
+    run.reply_weight = float(x)
 
 
 def lr(run: Run, x: str) -> None:
     run.lr = float(x)
+
+
+def batch(run: Run, n: str) -> None:
+    run.batch_size = int(n)
 
 
 def layers(run: Run, n: str) -> None:
@@ -310,6 +319,7 @@ VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "dr
             "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
             "inventory": inventory, "colour-inventory": colour_inventory, "warmup-inventory": warmup_inventory,
             "kind-names": kind_names, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
+            "reply-weight": reply_weight, "batch": batch,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
@@ -335,9 +345,9 @@ def measure(spec: str, steps: int, scenes: int, save: str | None = None) -> dict
             init_lm(lm)
         started = time.perf_counter()
         losses = language.train_language(
-            lm, run.tokenizer, run.tokens, steps=steps, batch_size=DEFAULTS.language_batch_size,
+            lm, run.tokenizer, run.tokens, steps=steps, batch_size=run.batch_size,
             lr=run.lr, weight_decay=DEFAULTS.language_weight_decay, warmup=DEFAULTS.warmup,
-            world_seed=DEFAULTS.seed, order_seed=DEFAULTS.seed)
+            world_seed=DEFAULTS.seed, order_seed=DEFAULTS.seed, reply_weight=run.reply_weight)
         seconds = time.perf_counter() - started
     finally:
         language.pretraining_records, language.forward = saved

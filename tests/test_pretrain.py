@@ -162,6 +162,22 @@ def test_language_model_answers_from_the_scene_tokens(tokenizer, held_out):
     assert other > own + 0.5, (own, other)
 
 
+def test_reply_weight_is_a_weighted_mean_between_every_token_and_the_replies(tokenizer, held_out):
+    """weighted_loss with weight 1 is transformers' own loss on every text token; as the weight
+    grows it tends to the loss on the replies alone; in between it lies between the two."""
+    from llava_edge.pretrain.language import collate, weighted_loss
+
+    lm = load_language_model(tokenizer=tokenizer)
+    batch = collate(held_out[:8], tokenizer.pad_id, tokenizer.image_id)
+    every, replies = _loss(lm, held_out[:8], tokenizer), _loss(lm, held_out[:8], tokenizer, labels="reply_labels")
+    with torch.no_grad():
+        one, five, huge = (weighted_loss(lm, batch, tokenizer.image_id, w).item() for w in (1.0, 5.0, 1e9))
+    assert abs(every - replies) > 0.01, (every, replies)  # else the test could not tell them apart
+    # float32 sums in another order: 1e-5 relative
+    assert one == pytest.approx(every, rel=1e-5) and huge == pytest.approx(replies, rel=1e-5)
+    assert min(every, replies) < five < max(every, replies)
+
+
 def test_vision_features_carry_the_annotation_a_random_tower_lacks(config):
     from transformers import CLIPVisionModel
 

@@ -60,6 +60,7 @@ class DemoPretrainConfig:
     language_batch_size: int = 16
     language_lr: float = 2e-3
     language_weight_decay: float = 0.0
+    language_reply_weight: float = 1.0  # a reply token's weight in the LM's loss against a prompt token's
     language_context: str = "scene"  # what stands where the image goes: see pretrain.language
     warmup: float = 0.05
     probe_train_scenes: int = 1000
@@ -117,7 +118,7 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
         language_history = train_language(
             lm, tokenizer, tokens, steps=c.language_steps, batch_size=c.language_batch_size, lr=c.language_lr,
             weight_decay=c.language_weight_decay, warmup=c.warmup, world_seed=c.seed, order_seed=c.seed,
-            context=c.language_context, on_step=bar.step)
+            reply_weight=c.language_reply_weight, context=c.language_context, on_step=bar.step)
         lm_end = heldout_loss(lm, tokenizer, tokens, **eval_args)
 
     record = {

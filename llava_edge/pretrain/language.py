@@ -198,6 +198,18 @@ def heldout_loss(lm, tokenizer: Tokenizer, tokens: SceneTokens | None, *, world_
             "tokens": totals["labels"][1], "reply_tokens": totals["reply_labels"][1]}
 
 
+def weighted_loss(lm, batch: dict[str, torch.Tensor], image_id: int, reply_weight: float) -> torch.Tensor:
+    """Next-token loss over every text token of ``batch``, a weighted mean in which each reply token
+    (``reply_labels``) counts ``reply_weight`` times as much as a prompt token; 1 is the plain mean."""
+    logits = forward(lm, batch, image_id, labels=None).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target,
+                                                  ignore_index=IGNORE_INDEX, reduction="none")
+    weight = torch.where(batch["reply_labels"][:, 1:] != IGNORE_INDEX, reply_weight, 1.0)
+    weight = weight * (target != IGNORE_INDEX)
+    return (per_token * weight).sum() / weight.sum()
+
+
 def train_language(
     lm,
     tokenizer: Tokenizer,
@@ -210,14 +222,17 @@ def train_language(
     warmup: float,
     world_seed: int,
     order_seed: int,
+    reply_weight: float = 1.0,
     context: str = "scene",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``lm`` in place (next-token loss on every text token); returns the loss of every step."""
+    """Train ``lm`` in place (next-token loss on every text token, replies weighted ``reply_weight``
+    times, :func:`weighted_loss`); returns the loss of every step."""
     batches = training_batches(tokenizer, tokens, world_seed, batch_size,
                                random.Random(f"lm-order:{order_seed}"), context)
     lm.train()
-    history = train_loop(lm.parameters(), lambda step: forward(lm, next(batches), tokenizer.image_id).loss,
+    history = train_loop(lm.parameters(),
+                         lambda step: weighted_loss(lm, next(batches), tokenizer.image_id, reply_weight),
                          steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, on_step=on_step)
     lm.eval()
     return history
