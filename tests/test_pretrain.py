@@ -214,6 +214,14 @@ def test_pretraining_refuses_a_foreign_folder_before_any_work(tmp_path):
     assert not (tmp_path / RECORD_FILE).exists()
 
 
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan")])
+def test_pretraining_refuses_a_reply_weight_that_is_not_positive(tmp_path, weight):
+    from llava_edge.pretrain.demo import main
+
+    assert main(["--out", str(tmp_path / "a"), "--language-reply-weight", str(weight), "--quiet"]) == 2
+    assert not (tmp_path / "a").exists()  # refused before any work
+
+
 def test_grid_cells_of_patches():
     from llava_edge.pretrain.world_batches import cell_pooling, patch_cells
 

@@ -73,6 +73,9 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
     """Run the recipe above and write the asset folder ``out``; returns ``pretrain.json``'s content."""
     out = Path(out)
     _check_out(out, overwrite)
+    if not config.language_reply_weight > 0:
+        raise UserError(f"language reply weight {config.language_reply_weight}: must be above 0 "
+                        "(1 weighs reply and prompt tokens alike)")
     started = time.perf_counter()
     import torch
     import transformers
@@ -144,7 +147,8 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
         "language": {
             "objective": "next-token loss on every token of text-only world conversations "
                          "(stage-1 caption pairs in 'plain', stage-2 records and the look-up drill in "
-                         "'vicuna_v1'); in place of "
+                         f"'vicuna_v1'), a reply token weighing {c.language_reply_weight:g} times a prompt "
+                         "token (pretrain.language.weighted_loss); in place of "
                          "the image: " + ("scene tokens (fixed random vectors per patch naming the colour, kind "
                                           "and size in its grid cell, the background and the position; "
                                           "pretrain.language.SceneTokens)" if c.language_context == "scene"
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads; part of what makes a run reproducible")
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
     parser.add_argument("--language-steps", type=int, default=defaults.language_steps)
+    parser.add_argument("--language-reply-weight", type=float, default=defaults.language_reply_weight,
+                        help="a reply token's weight in the LM's loss against a prompt token's (1: plain mean)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder this command did not write")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
