@@ -10,7 +10,9 @@ the product: a variant changes the pretraining by patching ``pretrain.language``
 Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train_demo_report.json,
 ``history_of_this_recipe``.
 
-- ``committed``: the committed design (since session 7 with the look-up drill);
+- ``committed``: the committed design (since session 7 with the look-up drill, since session 10
+  with replies weighing 5 times a prompt token in the loss); the figures of sessions 7-9 were taken
+  with a plain mean, which ``reply-weight=1`` gives;
 - ``no-drill``: without the look-up drill (``synth.drill_record``), the design before session 7;
 - ``cell-position``: the position part of a scene token names the patch's grid cell (9 vectors)
   instead of the patch (64);
@@ -18,6 +20,8 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``word-embeddings``: a scene token is the sum of the LM's own input embeddings of the words naming
   the cell (colour, kind, size, place) and the background, learned with the LM;
 - ``reply-loss``: the loss on the replies only (the committed LM learns every text token);
+  ``reply-weight=X``: a reply token weighs X times a prompt token (``language.weighted_loss``);
+  ``batch=N``: N sequences per step; ``seed=N``: another initialisation and batch order;
 - ``drills=N``: N look-up drills per scene, each in its own order; ``drop=mc,reasoning``: those
   records left out;
 - ``lr=X``: peak learning rate X; ``layers=N``: an N-layer LM; ``heads=H,KV``: H query heads,
@@ -76,6 +80,7 @@ class Run:
         self.lr = DEFAULTS.language_lr
         self.batch_size = DEFAULTS.language_batch_size
         self.reply_weight = DEFAULTS.language_reply_weight
+        self.seed = DEFAULTS.seed  # the LM's initialisation and batch order (the world's scenes stay seed 0's)
 
 
 def cell_position(run: Run) -> None:
@@ -295,6 +300,12 @@ def batch(run: Run, n: str) -> None:
     run.batch_size = int(n)
 
 
+def seed(run: Run, n: str) -> None:
+    """``seed=N``: another draw of the LM's initialisation and batch order, same scenes: the spread
+    between draws of one design."""
+    run.seed = int(n)
+
+
 def layers(run: Run, n: str) -> None:
     run.config.text_config.num_hidden_layers = int(n)
 
@@ -319,7 +330,7 @@ VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "dr
             "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
             "inventory": inventory, "colour-inventory": colour_inventory, "warmup-inventory": warmup_inventory,
             "kind-names": kind_names, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
-            "reply-weight": reply_weight, "batch": batch,
+            "reply-weight": reply_weight, "batch": batch, "seed": seed,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
 
@@ -339,7 +350,7 @@ def measure(spec: str, steps: int, scenes: int, save: str | None = None) -> dict
     saved = language.pretraining_records, language.forward
     language.pretraining_records, language.forward = run.records, run.forward
     try:
-        torch.manual_seed(DEFAULTS.seed)
+        torch.manual_seed(run.seed)
         lm = LlamaForCausalLM(run.config.text_config)
         for init_lm in run.lm_init:
             init_lm(lm)
@@ -347,7 +358,7 @@ def measure(spec: str, steps: int, scenes: int, save: str | None = None) -> dict
         losses = language.train_language(
             lm, run.tokenizer, run.tokens, steps=steps, batch_size=run.batch_size,
             lr=run.lr, weight_decay=DEFAULTS.language_weight_decay, warmup=DEFAULTS.warmup,
-            world_seed=DEFAULTS.seed, order_seed=DEFAULTS.seed, reply_weight=run.reply_weight)
+            world_seed=DEFAULTS.seed, order_seed=run.seed, reply_weight=run.reply_weight)
         seconds = time.perf_counter() - started
     finally:
         language.pretraining_records, language.forward = saved

@@ -173,8 +173,9 @@ def test_reply_weight_is_a_weighted_mean_between_every_token_and_the_replies(tok
     with torch.no_grad():
         one, five, huge = (weighted_loss(lm, batch, tokenizer.image_id, w).item() for w in (1.0, 5.0, 1e9))
     assert abs(every - replies) > 0.01, (every, replies)  # else the test could not tell them apart
-    # float32 sums in another order: 1e-5 relative
-    assert one == pytest.approx(every, rel=1e-5) and huge == pytest.approx(replies, rel=1e-5)
+    # float32 sums over thousands of tokens in another order: up to 1.1e-5 relative measured; the
+    # weights' effect (every token against replies) is above 30% here
+    assert one == pytest.approx(every, rel=1e-4) and huge == pytest.approx(replies, rel=1e-4)
     assert min(every, replies) < five < max(every, replies)
 
 

@@ -60,7 +60,7 @@ class DemoPretrainConfig:
     language_batch_size: int = 16
     language_lr: float = 2e-3
     language_weight_decay: float = 0.0
-    language_reply_weight: float = 1.0  # a reply token's weight in the LM's loss against a prompt token's
+    language_reply_weight: float = 5.0  # a reply token's weight in the LM's loss against a prompt token's (issue 4: 15 loses)
     language_context: str = "scene"  # what stands where the image goes: see pretrain.language
     warmup: float = 0.05
     probe_train_scenes: int = 1000
