@@ -16,9 +16,12 @@ too, and the colour look-up is learned from them: a kind word follows every colo
 reply token weighs ``reply_weight`` times a prompt token (:func:`weighted_loss`; the assets use 5).
 Replies are about a fifth of the text tokens, and the short answers, which carry most of what must
 be looked up by kind or read out as a place, 7%: with a plain mean the LM answers 80.8% of the
-questions above, with replies weighing 5 times 86.6% (a named kind's count 63.5% -> 98.1%), with
-15 times 76.6% (the questions' own signal fades; 500 scenes, 2000 steps, issue 4's note). The
-held-out figures report the plain mean over all tokens and over the replies alone. Held-out
+questions above, with replies weighing 5 times 82.8% (the committed assets, 2 threads) and 86.6%
+(the same design trained with 1 thread: draws that differ only in float summation order spread by
+several points), with 15 times 76.6% (the questions' own signal fades; 500 scenes, 2000 steps,
+issue 4's note). The weight sharpens the read-out (a kind's count, a lone shape's colour), not the
+look-up among several shapes. The held-out figures report the plain mean over all tokens and over
+the replies alone. Held-out
 conversations come from the world's eval split, whose scenes never occur in training.
 
 What stands where the image goes (``context``):
