@@ -15,11 +15,12 @@ Unlike LLaVA's instruction tuning, the loss covers every text token (a base LM m
 too, and the colour look-up is learned from them: a kind word follows every colour word), but a
 reply token weighs ``reply_weight`` times a prompt token (:func:`weighted_loss`; the assets use 5).
 Replies are about a fifth of the text tokens, and the short answers, which carry most of what must
-be looked up by kind or read out as a place, 7%. Weighing them 5 times adds about 2 points of the
+be looked up by kind or read out as a place, 7%. Weighing them 5 times added about 2 points of the
 LM's ceiling on the questions above in both same-thread pairs (2 threads, the committed assets
 before and after: 80.8% -> 82.8%; 1 thread: 84.8% -> 86.6%); 15 times loses (76.6%: the questions'
-own signal fades). Draws that differ only in float summation order spread by as much (80.8% with 2
-threads, 84.8% with 1, same design and seed; 500 scenes, 2000 steps, issue 4's note). The held-out
+own signal fades). But draws of one design spread by as much: 80.8% with 2 threads and 84.8% with 1
+(plain mean, same seed), and 79.6% for another seed of the x5 design (500 scenes, 2000 steps, issue
+4's note), so the weight is kept as harmless and the assets as the better draw. The held-out
 figures report the plain mean over all tokens and over the replies alone. Held-out
 conversations come from the world's eval split, whose scenes never occur in training.
 
