@@ -20,8 +20,8 @@ LM's ceiling on the questions above in both same-thread pairs (2 threads, the co
 before and after: 80.8% -> 82.8%; 1 thread: 84.8% -> 86.6%); 15 times loses (76.6%: the questions'
 own signal fades). But draws of one design spread by as much: 80.8% with 2 threads and 84.8% with 1
 (plain mean, same seed); over 7 draws (seeds 0-2) both weights average 83.1% (500 scenes, 2000
-steps, issue 4's note), so the weight is kept as harmless and the assets as the better draw. The held-out
-figures report the plain mean over all tokens and over the replies alone. Held-out
+steps, issue 4's note), so the weight is kept as harmless and the assets as the better draw. The
+held-out figures report the plain mean over all tokens and over the replies alone. Held-out
 conversations come from the world's eval split, whose scenes never occur in training.
 
 What stands where the image goes (``context``):
@@ -195,29 +195,30 @@ def heldout_loss(lm, tokenizer: Tokenizer, tokens: SceneTokens | None, *, world_
     lm.eval()
     for k in range(0, len(samples), batch_size):
         batch = collate(samples[k: k + batch_size], tokenizer.pad_id, tokenizer.image_id)
-        logits = forward(lm, batch, tokenizer.image_id, labels=None).logits[:, :-1]
+        per_token = token_losses(lm, batch, tokenizer.image_id)
         for key, total in totals.items():
-            target = batch[key][:, 1:]
-            total[0] += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum").item()
-            total[1] += int((target != IGNORE_INDEX).sum())
+            counted = batch[key][:, 1:] != IGNORE_INDEX  # reply tokens are text tokens with the same targets
+            total[0] += per_token[counted].sum().item()
+            total[1] += int(counted.sum())
     loss, reply = (totals[k][0] / totals[k][1] for k in ("labels", "reply_labels"))
     return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
             "reply_loss": round(reply, 4), "reply_perplexity": round(math.exp(reply), 3),
             "tokens": totals["labels"][1], "reply_tokens": totals["reply_labels"][1]}
 
 
+def token_losses(lm, batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+    """[batch, length - 1] next-token loss of every position (0 where ``labels`` ignores it)."""
+    logits = forward(lm, batch, image_id, labels=None).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"][:, 1:],
+                                             ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def weighted_loss(lm, batch: dict[str, torch.Tensor], image_id: int, reply_weight: float) -> torch.Tensor:
     """Next-token loss over every text token of ``batch``, a weighted mean in which each reply token
     (``reply_labels``) counts ``reply_weight`` times as much as a prompt token; 1 is the plain mean."""
-    logits = forward(lm, batch, image_id, labels=None).logits[:, :-1]
-    target = batch["labels"][:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target,
-                                                  ignore_index=IGNORE_INDEX, reduction="none")
     weight = torch.where(batch["reply_labels"][:, 1:] != IGNORE_INDEX, reply_weight, 1.0)
-    weight = weight * (target != IGNORE_INDEX)
-    return (per_token * weight).sum() / weight.sum()
+    weight = weight * (batch["labels"][:, 1:] != IGNORE_INDEX)
+    return (token_losses(lm, batch, image_id) * weight).sum() / weight.sum()
 
 
 def train_language(
