@@ -40,26 +40,33 @@ from llava_edge.train.evaluate import mc_letter, normalise_answer  # noqa: E402
 
 
 @torch.no_grad()
+def greedy_answer(lm, tokenizer, image: torch.Tensor, question: str, max_new_tokens: int = 8) -> str:
+    """The LM's greedy reply to one vicuna_v1 question (``<image>`` in it), ``image`` [n_image_tokens, width]
+    standing where the image goes."""
+    embed = lm.get_input_embeddings()
+    encoded = encode_conversation(tokenizer, get_template("vicuna_v1"), [("human", question)],
+                                  n_image_tokens=image.shape[0], add_generation_prompt=True)
+    ids = torch.tensor([encoded.input_ids])
+    step = embed(ids).masked_scatter((ids == tokenizer.image_id).unsqueeze(-1), image.unsqueeze(0))
+    cache, reply = DynamicCache(config=lm.config), []
+    for _ in range(max_new_tokens):
+        out = lm(inputs_embeds=step, use_cache=True, **cache_kwargs(lm, cache))
+        token = int(out.logits[0, -1].argmax())
+        if token == tokenizer.eos_id:
+            break
+        reply.append(token)
+        step = embed(torch.tensor([[token]]))
+    return tokenizer.decode(reply)
+
+
+@torch.no_grad()
 def score(lm, tokenizer, images: torch.Tensor, max_new_tokens: int = 8) -> dict[str, float]:
     """Accuracy per kind and category; ``images`` [N, n_image_tokens, width] for scenes 0..N-1."""
-    template, embed = get_template("vicuna_v1"), lm.get_input_embeddings()
     tally = collections.defaultdict(lambda: [0, 0])
     for i, image in enumerate(images):
         for record in eval_records(scene_at(0, "eval", i), f"eval_{i:06d}.png", 0, i):
-            question = record["conversations"][0]["value"]
-            encoded = encode_conversation(tokenizer, template, [("human", question)],
-                                          n_image_tokens=image.shape[0], add_generation_prompt=True)
-            ids = torch.tensor([encoded.input_ids])
-            step = embed(ids).masked_scatter((ids == tokenizer.image_id).unsqueeze(-1), image.unsqueeze(0))
-            cache, reply = DynamicCache(config=lm.config), []
-            for _ in range(max_new_tokens):
-                out = lm(inputs_embeds=step, use_cache=True, **cache_kwargs(lm, cache))
-                token = int(out.logits[0, -1].argmax())
-                if token == tokenizer.eos_id:
-                    break
-                reply.append(token)
-                step = embed(torch.tensor([[token]]))
-            text, gold = tokenizer.decode(reply), record["answer"]
+            text = greedy_answer(lm, tokenizer, image, record["conversations"][0]["value"], max_new_tokens)
+            gold = record["answer"]
             right = (normalise_answer(text) == normalise_answer(gold) if record["kind"] == "short"
                      else mc_letter(text) == gold)
             for key in (record["kind"], f"{record['kind']}/{record['category']}"):

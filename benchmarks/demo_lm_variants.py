@@ -29,7 +29,8 @@ Join variants with ``+`` (``no-drill+cell-position``). Results: benchmarks/train
 - ``inventory=N``: N more records per scene listing the shapes kind first; ``colour-inventory``: one
   listing them colour first, place next; ``louder=shape:2``: one
   part of the scene tokens scaled; ``embed-init=in,out``: the LM's colour, kind and size words start
-  aligned with the scene tokens; ``from-committed``: continue from the committed LM (see each function).
+  aligned with the scene tokens; ``listing=name-place,kind-color``: records naming each shape and
+  its place (or a lone kind and its colour) right after it; ``from-committed``: continue from the committed LM (see each function).
 
 ``--save DIR`` keeps each variant's LM (``DIR/VARIANT.safetensors``) for ``demo_lm_attention.py --lm``.
 """
@@ -217,6 +218,39 @@ def warmup_inventory(run: Run, n: str) -> None:
                                                  else records(scene, image, seed, i))
 
 
+LISTINGS = {  # what a listing names each shape by, and what follows that name at once
+    "name-place": ("list the shapes and their places.", lambda scene, s: (f"{s.color} {s.shape}", s.position)),
+    "kind-color": ("list the color of each kind that occurs once.",
+                   lambda scene, s: (s.shape, s.color) if scene.count(shape=s.shape) == 1 else None),
+}
+
+
+def listing_records(scene, image: str, i: int, kinds: list[str]) -> list[tuple[str, dict]]:
+    """One record per listing kind (:data:`LISTINGS`), the shapes in a random order, each named and
+    followed at once by what it keys (``red circle top left; blue square center.``): a look-up by
+    name (or by a lone kind) whose answer is the very next token, which the world's texts and its
+    questions never give (a question's answer comes 3 tokens after the name, behind ``? ASSISTANT:``)."""
+    out = []
+    for kind in kinds:
+        prompt, item = LISTINGS[kind]
+        rng = random.Random(f"listing:{kind}:{i}")
+        items = [x for x in (item(scene, s) for s in rng.sample(scene.shapes, len(scene.shapes))) if x]
+        if items:
+            text = "; ".join(f"{key} {value}" for key, value in items) + "."
+            out.append((language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_listing_{kind}", image,
+                                                                 _first_turn(prompt, rng) + [(GPT, text)])))
+    return out
+
+
+def listing(run: Run, kinds: str = "name-place,kind-color") -> None:
+    """``listing=name-place,kind-color``: :func:`listing_records` of those kinds added to every scene's records."""
+    unknown = set(kinds.split(",")) - set(LISTINGS)
+    if unknown:
+        raise SystemExit(f"unknown listing {sorted(unknown)}; expected {', '.join(LISTINGS)}")
+    records = run.records
+    run.records = lambda scene, image, seed, i: records(scene, image, seed, i) + listing_records(scene, image, i, kinds.split(","))
+
+
 def kind_names(run: Run) -> None:
     """``kind-names``: the drill names a shape whose kind occurs once by its kind alone (``where is
     the triangle?``), so its place and size questions need the look-up keyed by kind."""
@@ -329,7 +363,7 @@ def rope_theta(run: Run, x: str) -> None:
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
             "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
             "inventory": inventory, "colour-inventory": colour_inventory, "warmup-inventory": warmup_inventory,
-            "kind-names": kind_names, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
+            "kind-names": kind_names, "listing": listing, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
             "reply-weight": reply_weight, "batch": batch, "seed": seed,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 
