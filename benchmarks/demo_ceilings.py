@@ -31,7 +31,8 @@ from transformers import DynamicCache  # noqa: E402
 from llava_edge.data.synth import scene_at, eval_records  # noqa: E402
 from llava_edge.model.cache import cache_kwargs  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import demo_config, load_language_model, load_tokenizer, load_vision_tower  # noqa: E402
+from llava_edge.pretrain.assets import (demo_config, load_into, load_language_model, load_tokenizer,  # noqa: E402
+                                        load_vision_tower, load_weights)
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 from llava_edge.pretrain.probe import fit_probe, probe_inputs  # noqa: E402
 from llava_edge.pretrain.vision import image_features  # noqa: E402
@@ -75,6 +76,16 @@ def score(lm, tokenizer, images: torch.Tensor, max_new_tokens: int = 8) -> dict[
     return {k: round(v[0] / v[1], 3) for k, v in sorted(tally.items()) if not k.startswith("mc/")}
 
 
+def load_lm(assets: str, weights: str | None = None):
+    """(tokenizer, the assets' LM in float32 and eval mode), its weights replaced by ``weights`` (a
+    ``demo_lm_variants.py --save`` file) when given."""
+    tokenizer = load_tokenizer(assets)
+    lm = load_language_model(assets, tokenizer).float().eval()
+    if weights:
+        load_into(lm, load_weights(weights), "language model", weights)
+    return tokenizer, lm
+
+
 def true_tokens(tokens, n: int) -> torch.Tensor:
     return torch.stack([tokens(scene_at(0, "eval", i)) for i in range(n)])
 
@@ -108,8 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import LlavaForConditionalGeneration
 
-    tokenizer = load_tokenizer(args.assets)
-    lm = load_language_model(args.assets, tokenizer).float().eval()
+    tokenizer, lm = load_lm(args.assets)
     config = demo_config(tokenizer)
     tokens = scene_tokens_for(config, 0)
     tower = load_vision_tower(args.assets, tokenizer).float()

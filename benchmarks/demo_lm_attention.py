@@ -27,15 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_ceilings import load_lm  # noqa: E402
+
 from llava_edge.data.language import _color, _position, _shape  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import demo_config, load_into, load_language_model, load_tokenizer, load_weights  # noqa: E402
+from llava_edge.pretrain.assets import demo_config  # noqa: E402
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 
 
@@ -143,10 +148,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.assets)
-    lm = load_language_model(args.assets, tokenizer).float().eval()
-    if args.lm:
-        load_into(lm, load_weights(args.lm), "language model", args.lm)
+    tokenizer, lm = load_lm(args.assets, args.lm)
     lm.set_attn_implementation("eager")  # the fused kernels return no attention weights
     tokens = scene_tokens_for(demo_config(tokenizer), 0)
     report = {"assets": args.assets, "lm": args.lm or "the assets'", "scenes": args.scenes,

@@ -27,10 +27,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_ceilings import greedy_answer  # noqa: E402
+from demo_ceilings import greedy_answer, load_lm  # noqa: E402
 from llava_edge.data.language import _color, _position, _size  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
-from llava_edge.pretrain.assets import demo_config, load_into, load_language_model, load_tokenizer, load_weights  # noqa: E402
+from llava_edge.pretrain.assets import demo_config  # noqa: E402
 from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 
 ASKED = {"place": (_position, "position"), "size": (_size, "size"), "color": (_color, "color")}
@@ -60,10 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.assets)
-    lm = load_language_model(args.assets, tokenizer).float().eval()
-    if args.lm:
-        load_into(lm, load_weights(args.lm), "language model", args.lm)
+    tokenizer, lm = load_lm(args.assets, args.lm)
     tokens = scene_tokens_for(demo_config(tokenizer), 0)
     with torch.no_grad():
         result = tally(lm, tokenizer, tokens, args.scenes)
