@@ -1,6 +1,7 @@
 """Does the demo LM learn a look-up by name when the answer sits right after the name, and when it sits further on?
 
     python benchmarks/demo_lookup_distance.py none is-at-the is-found-at-the-spot --steps 800 [--threads 1]
+    python benchmarks/demo_lookup_distance.py none+is-at-the --steps 800    # both listings, the last scored
 
 For each filler, a fresh demo LM is pretrained (``pretrain.language.train_language``, the committed
 settings) on a single record per training scene: the scene's shapes listed in a random order, each
@@ -13,7 +14,9 @@ the shapes but not the named one).
 
 The filler sets how many tokens stand between the name and the answer: 0, or 3 with ``is at the``,
 the distance of the world's questions (``where is the red circle? ASSISTANT: top left``: ``?``,
-`` ASSISTANT`` and ``:`` between them). Used for issue 4's diagnosis of why the demo LM answers a
+`` ASSISTANT`` and ``:`` between them). Fillers joined with ``+`` give one listing per filler and
+scene, and the last one is scored: does learning the look-up next to the name speed it up further
+on? Used for issue 4's diagnosis of why the demo LM answers a
 named shape's place and colour like a guess among the scene's shapes (benchmarks/train_demo_report.json,
 ``history_of_this_recipe``).
 """
@@ -48,13 +51,16 @@ def listing(scene, rng: random.Random, filler: str) -> list[tuple[str, str]]:
     return [(f"{s.color} {s.shape}{filler}", s.position) for s in rng.sample(scene.shapes, len(scene.shapes))]
 
 
-def records_with(filler: str):
-    """``pretraining_records`` that give only the listing, the image before the prompt."""
+def records_with(fillers: list[str]):
+    """``pretraining_records`` that give only a listing per filler, the image before the prompt."""
     def records(scene, image, seed, i):
-        items = listing(scene, random.Random(f"listing:{i}"), filler)
-        text = "; ".join(f"{key} {place}" for key, place in items) + "."
-        turns = [(HUMAN, f"{IMAGE_TOKEN}\n{PROMPT}"), (GPT, text)]
-        return [(language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_listing", image, turns))]
+        out = []
+        for k, filler in enumerate(fillers):
+            items = listing(scene, random.Random(f"listing:{i}" + (f":{k}" if k else "")), filler)
+            text = "; ".join(f"{key} {place}" for key, place in items) + "."
+            turns = [(HUMAN, f"{IMAGE_TOKEN}\n{PROMPT}"), (GPT, text)]
+            out.append((language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_listing{k}", image, turns)))
+        return out
     return records
 
 
@@ -94,9 +100,10 @@ def measure(name: str, steps: int, every: int, n_scenes: int) -> None:
     from transformers import LlamaForCausalLM
 
     run = Run()
-    filler = FILLERS[name]
+    fillers = [FILLERS[part] for part in name.split("+")]
+    filler = fillers[-1]  # the one scored
     gap = len(run.tokenizer.encode(f"red circle{filler}")) - len(run.tokenizer.encode("red circle"))
-    saved, language.pretraining_records = language.pretraining_records, records_with(filler)
+    saved, language.pretraining_records = language.pretraining_records, records_with(fillers)
     try:
         torch.manual_seed(run.seed)
         lm = LlamaForCausalLM(run.config.text_config)
@@ -121,12 +128,15 @@ def measure(name: str, steps: int, every: int, n_scenes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("fillers", nargs="+", choices=sorted(FILLERS))
+    parser.add_argument("fillers", nargs="+", help=f"{', '.join(FILLERS)}; join with + to train on several")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--every", type=int, default=200, help="score every N steps")
     parser.add_argument("--scenes", type=int, default=300, help="eval scenes scored (those of 2-3 shapes count)")
     parser.add_argument("--threads", type=int, default=DEFAULTS.threads)
     args = parser.parse_args()
+    unknown = {part for name in args.fillers for part in name.split("+")} - set(FILLERS)
+    if unknown:
+        parser.error(f"unknown filler {sorted(unknown)}; expected {', '.join(FILLERS)}")
     torch.set_num_threads(args.threads)
     for name in args.fillers:
         measure(name, args.steps, args.every, args.scenes)
