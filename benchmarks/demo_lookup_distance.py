@@ -81,7 +81,7 @@ def score(lm, run: Run, filler: str, n_scenes: int) -> dict:
         first = {place: tok.encode(" " + place)[0] for _, place in items}
         targets = []
         for k, (key, place) in enumerate(items):
-            ids += tok.encode(("; " if k else "") + key)
+            ids += tok.encode(("; " if k else " ") + key)  # the reply's first word has its space, as in training
             targets.append((len(ids) - 1, first[place]))
             ids += tok.encode(" " + place)
         x = torch.tensor([ids])
