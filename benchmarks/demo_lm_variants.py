@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llava_edge.pretrain.language as language  # noqa: E402
 from demo_ceilings import score  # noqa: E402
 from llava_edge.data.records import GPT, HUMAN, IMAGE_TOKEN, to_json_record  # noqa: E402
-from llava_edge.data.language import lookup_questions  # noqa: E402
+from llava_edge.data.language import _color, _position, _size, lookup_questions  # noqa: E402
 from llava_edge.data.synth import _first_turn, _qa_turns, scene_at  # noqa: E402
 from llava_edge.data.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES  # noqa: E402
 from llava_edge.pretrain.demo import DemoPretrainConfig  # noqa: E402
@@ -251,6 +251,31 @@ def listing(run: Run, kinds: str = "name-place,kind-color") -> None:
     run.records = lambda scene, image, seed, i: records(scene, image, seed, i) + listing_records(scene, image, i, kinds.split(","))
 
 
+def keyed_records(scene, image: str, i: int, n: int) -> list[tuple[str, dict]]:
+    """N single-turn records (image first, as the eval asks), each a look-up keyed by name: a random
+    shape's place or size, or the colour of a kind that occurs once. The committed LM answers these
+    with the scene's first shape in reading order whatever is named (a linear probe reads that
+    shape's place at 95% at the answer position, the named one's at the 41% the two coincide)."""
+    rng = random.Random(f"keyed:{i}")
+    out = []
+    for k in range(n):
+        s = rng.choice(scene.shapes)
+        asks = [_position(s), _size(s)] + ([_color(s)] if scene.count(shape=s.shape) == 1 else [])
+        qa = rng.choice(asks)
+        turns = [(HUMAN, f"{IMAGE_TOKEN}\n{qa.question}"), (GPT, qa.answer)]
+        out.append((language.STAGE2_TEMPLATE, to_json_record(f"{image[:-4]}_keyed{k}", image, turns)))
+    return out
+
+
+def keyed(run: Run, spec: str = "4") -> None:
+    """``keyed=N``: :func:`keyed_records` (N per scene) added to every scene's records;
+    ``keyed=N:only``: those records alone."""
+    n, _, only = spec.partition(":")
+    records = run.records
+    run.records = lambda scene, image, seed, i: (
+        ([] if only else records(scene, image, seed, i)) + keyed_records(scene, image, i, int(n)))
+
+
 def kind_names(run: Run) -> None:
     """``kind-names``: the drill names a shape whose kind occurs once by its kind alone (``where is
     the triangle?``), so its place and size questions need the look-up keyed by kind."""
@@ -363,7 +388,7 @@ def rope_theta(run: Run, x: str) -> None:
 VARIANTS = {"committed": lambda run: None, "no-drill": lambda run: drop(run, "drill"), "cell-position": cell_position,
             "single-turn": single_turn, "word-embeddings": word_embeddings, "reply-loss": reply_loss,
             "inventory": inventory, "colour-inventory": colour_inventory, "warmup-inventory": warmup_inventory,
-            "kind-names": kind_names, "listing": listing, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
+            "kind-names": kind_names, "keyed": keyed, "listing": listing, "louder": louder, "embed-init": embed_init, "from-committed": from_committed,
             "reply-weight": reply_weight, "batch": batch, "seed": seed,
             "lr": lr, "drop": drop, "drills": drills, "layers": layers, "heads": heads, "init": init, "rope-theta": rope_theta}
 

@@ -246,3 +246,30 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
     assert first.pop("run")["threads"] == second.pop("run")["threads"] == 2
     assert first == second  # metrics and the sha256 of every file
     assert torch.get_num_threads() == threads  # the run's thread count does not leak into the caller
+
+
+def test_pretraining_refuses_fewer_than_one_language_epoch(tmp_path):
+    from llava_edge.pretrain.demo import main
+
+    assert main(["--out", str(tmp_path / "a"), "--language-epochs", "0", "--quiet"]) == 2
+    assert not (tmp_path / "a").exists()  # refused before any work
+
+
+def test_each_language_epoch_passes_over_the_same_batches(tokenizer, config):
+    """With the learning rate at 0 the weights never move, so the second pass's losses equal the
+    first's exactly if and only if it reads the same batches in the same order."""
+    from transformers import LlamaForCausalLM
+
+    from llava_edge.pretrain.language import scene_tokens_for, train_language
+
+    text = config.text_config.__class__(**{**config.text_config.to_dict(), "num_hidden_layers": 1})
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(text)
+    steps_seen = []
+    args = dict(steps=3, batch_size=2, weight_decay=0.0, warmup=0.0, world_seed=0, order_seed=0)
+    tokens = scene_tokens_for(config, 0)
+    losses = train_language(lm, tokenizer, tokens, lr=0.0, epochs=2, on_step=lambda s, _: steps_seen.append(s), **args)
+    assert steps_seen == list(range(6)) and len(losses) == 6
+    assert losses[:3] == losses[3:] and len(set(losses[:3])) == 3  # three different batches, twice
+    with pytest.raises(ValueError, match="epochs 0"):
+        train_language(lm, tokenizer, tokens, lr=0.0, epochs=0, **args)

@@ -57,6 +57,7 @@ class DemoPretrainConfig:
     vision_lr: float = 3e-3
     vision_weight_decay: float = 0.05
     language_steps: int = 2000  # reading scene tokens takes long: held-out reply loss 0.36 at 400 steps, 0.25 at 800
+    language_epochs: int = 1  # passes over those steps' batches, each warming up and decaying anew
     language_batch_size: int = 16
     language_lr: float = 2e-3
     language_weight_decay: float = 0.0
@@ -73,6 +74,8 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
     """Run the recipe above and write the asset folder ``out``; returns ``pretrain.json``'s content."""
     out = Path(out)
     _check_out(out, overwrite)
+    if config.language_epochs < 1:
+        raise UserError(f"language epochs {config.language_epochs}: must be at least 1")
     if not config.language_reply_weight > 0:
         raise UserError(f"language reply weight {config.language_reply_weight}: must be above 0 "
                         "(1 weighs reply and prompt tokens alike)")
@@ -116,12 +119,13 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
         lm = LlamaForCausalLM(model_config.text_config)
         tokens = scene_tokens_for(model_config, c.seed) if c.language_context == "scene" else None
         eval_args = dict(world_seed=c.seed, n_scenes=c.lm_eval_scenes, context=c.language_context)
-        bar.phase("language model", c.language_steps)
+        bar.phase("language model", c.language_steps * c.language_epochs)
         lm_start = heldout_loss(lm, tokenizer, tokens, **eval_args)
         language_history = train_language(
             lm, tokenizer, tokens, steps=c.language_steps, batch_size=c.language_batch_size, lr=c.language_lr,
             weight_decay=c.language_weight_decay, warmup=c.warmup, world_seed=c.seed, order_seed=c.seed,
-            reply_weight=c.language_reply_weight, context=c.language_context, on_step=bar.step)
+            reply_weight=c.language_reply_weight, epochs=c.language_epochs, context=c.language_context,
+            on_step=bar.step)
         lm_end = heldout_loss(lm, tokenizer, tokens, **eval_args)
 
     record = {
@@ -148,7 +152,8 @@ def pretrain_demo(out: str | Path, config: DemoPretrainConfig = DemoPretrainConf
             "objective": "next-token loss on every token of text-only world conversations "
                          "(stage-1 caption pairs in 'plain', stage-2 records and the look-up drill in "
                          f"'vicuna_v1'), a reply token weighing {c.language_reply_weight:g} times a prompt "
-                         "token (pretrain.language.weighted_loss); in place of "
+                         f"token (pretrain.language.weighted_loss); {c.language_epochs} pass(es) over the same "
+                         f"{c.language_steps} batches, each with its own warm-up and cosine decay; in place of "
                          "the image: " + ("scene tokens (fixed random vectors per patch naming the colour, kind "
                                           "and size in its grid cell, the background and the position; "
                                           "pretrain.language.SceneTokens)" if c.language_context == "scene"
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads; part of what makes a run reproducible")
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
     parser.add_argument("--language-steps", type=int, default=defaults.language_steps)
+    parser.add_argument("--language-epochs", type=int, default=defaults.language_epochs,
+                        help="passes over the language steps' batches, the learning rate restarting each time")
     parser.add_argument("--language-reply-weight", type=float, default=defaults.language_reply_weight,
                         help="a reply token's weight in the LM's loss against a prompt token's (1: plain mean)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder this command did not write")

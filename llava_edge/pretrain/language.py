@@ -234,17 +234,27 @@ def train_language(
     world_seed: int,
     order_seed: int,
     reply_weight: float = 1.0,
+    epochs: int = 1,
     context: str = "scene",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``lm`` in place (next-token loss on every text token, replies weighted ``reply_weight``
-    times, :func:`weighted_loss`); returns the loss of every step."""
-    batches = training_batches(tokenizer, tokens, world_seed, batch_size,
-                               random.Random(f"lm-order:{order_seed}"), context)
+    times, :func:`weighted_loss`); returns the loss of every step.
+
+    ``epochs`` passes over the same ``steps`` batches, each a fresh AdamW with its own warm-up and
+    cosine decay (a warm restart). ``on_step`` numbers the steps across passes."""
+    if epochs < 1:
+        raise ValueError(f"epochs {epochs}: must be at least 1")
+    history: list[float] = []
     lm.train()
-    history = train_loop(lm.parameters(),
-                         lambda step: weighted_loss(lm, next(batches), tokenizer.image_id, reply_weight),
-                         steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, on_step=on_step)
+    for epoch in range(epochs):
+        batches = training_batches(tokenizer, tokens, world_seed, batch_size,
+                                   random.Random(f"lm-order:{order_seed}"), context)
+        offset = epoch * steps
+        history += train_loop(lm.parameters(),
+                              lambda step: weighted_loss(lm, next(batches), tokenizer.image_id, reply_weight),
+                              steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                              on_step=on_step and (lambda step, loss: on_step(offset + step, loss)))
     lm.eval()
     return history
 
