@@ -4,7 +4,6 @@ of the same name in the package; nothing here computes anything."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -428,10 +427,6 @@ def demo(
 
 def main() -> None:
     """Console entry point: user errors are one readable line and a non-zero exit."""
-    # Before torch loads: OpenMP threads that spin while they wait starve each other when another
-    # job shares the cores (training several times slower on 2 shared cores); passive waiting
-    # changes speed only, never results. A value the user set is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         # Outside standalone mode click returns a command's `typer.Exit(code)` instead of raising it.
         code = app(standalone_mode=False)

@@ -114,7 +114,6 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field of both demo recipes (JSON values)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see llava_edge.cli.main
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
