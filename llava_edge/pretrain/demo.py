@@ -11,8 +11,7 @@ The recipe, top to bottom (:func:`pretrain_demo`):
 3. the language model (``LlamaForCausalLM`` as ``llava_config(...).text_config``), trained on the
    world's conversations and a look-up drill in the chat templates with *scene tokens* where the
    image goes: fixed random vectors naming what each patch's grid cell holds, never pixels nor the
-   tower's features (:mod:`.language` says why), in two passes over the same batches, each with its
-   own warm-up and cosine decay; held-out loss before and after;
+   tower's features (:mod:`.language` says why); held-out loss before and after;
 4. ``vision.safetensors`` and ``language.safetensors`` (fp16), ``tokenizer.json`` and ``pretrain.json``
    (seed, command, configuration, metrics, sha256 of the files), written to a temporary folder and
    renamed into place.
@@ -58,7 +57,7 @@ class DemoPretrainConfig:
     vision_lr: float = 3e-3
     vision_weight_decay: float = 0.05
     language_steps: int = 2000  # reading scene tokens takes long: held-out reply loss 0.36 at 400 steps, 0.25 at 800
-    language_epochs: int = 2  # passes over those steps' batches, each warming up and decaying anew (issue 4)
+    language_epochs: int = 1  # passes over those steps' batches, each warming up and decaying anew (issue 4: 2 lift the LM, see pretrain.language)
     language_batch_size: int = 16
     language_lr: float = 2e-3
     language_weight_decay: float = 0.0
