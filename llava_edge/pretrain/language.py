@@ -29,11 +29,11 @@ own cosine decay. A second pass is where the look-up by kind appears: the commit
 continued so for 2000 steps went from 82.8% to 92.4% of those questions (a named kind's colour
 61% -> 98%, a kind's count 79% -> 100%; 500 scenes, issue 4's note), where session 6's single
 10000-step schedule had stopped near 82%. The committed assets keep one pass: assets regenerated
-with two (``--language-epochs 2``) lift the recipe from 80.6% to 85.3%, but their int4 TensorRT-ONNX
-export drifts past the drift suite's default limits (tests/test_tensorrt.py), not yet diagnosed. A named shape's place
-stays the weakest look-up (64%): a linear probe (benchmarks/demo_place_probe.py) finds the
-one-pass LM carrying the place of the scene's first shape in reading order at the answer, not the
-named one's.
+with two (``--language-epochs 2``) lift the recipe from 80.6% to 85.3%, but their int4
+TensorRT-ONNX export drifts past the drift suite's default limits (tests/test_tensorrt.py), not
+yet diagnosed. A named shape's place stays the weakest look-up (64%): a linear probe
+(benchmarks/demo_place_probe.py) finds the one-pass LM carrying the place of the scene's first
+shape in reading order at the answer, not the named one's.
 
 What stands where the image goes (``context``):
 
