@@ -324,6 +324,8 @@ def test_any_runtime_accuracy_gate_and_vision_tower_metrics(tiny_model_dir, worl
     m = report["wrong-mc"].metrics
     assert (m["task.accuracy_short"], m["task.accuracy_mc"], m["task.accuracy_drop"]) == (1.0, 0.0, 0.5)
     assert m["generation.exact_match"] == 0.5
+    # all 6 letters lost, none gained: chance does that 1 time in 64, so the drop counts
+    assert (m["task.answers_lost"], m["task.answers_gained"], m["task.drop_p"]) == (6, 0, 1 / 64)
     violations = report.check()
     assert {v.candidate for v in violations} == {"wrong-mc"}
     # its wrong letters also show in the logits (KL, top-1) of the reference's reply

@@ -73,6 +73,15 @@ def test_common_prefix_and_percentile():
     assert M.percentile(np.arange(101), 99) == pytest.approx(99.0)
 
 
+def test_sign_test_p_hand_computed():
+    """P(X >= lost), X ~ Binomial(lost + gained, 1/2)."""
+    assert M.sign_test_p(3, 0) == 1 / 8
+    assert M.sign_test_p(6, 0) == 1 / 64
+    assert M.sign_test_p(2, 1) == 4 / 8  # (3 choose 2 + 3 choose 3) / 2^3
+    assert M.sign_test_p(0, 4) == 1.0 and M.sign_test_p(0, 0) == 1.0
+    assert M.sign_test_p(12, 1) == pytest.approx(14 / 2 ** 13)
+
+
 # --- specs -------------------------------------------------------------------------------------------
 def test_parse_spec_forms():
     spec = parse_spec("fp16=torch:runs/m?dtype=float16&threads=2&verify=false&scale=0.5")
@@ -199,6 +208,27 @@ def test_check_and_assert_within():
         report.assert_within(candidates=["bad"])
     with pytest.raises(UserError, match="unknown limit"):
         report.assert_within(max_kld=0.1)
+
+
+def test_an_accuracy_drop_that_chance_explains_is_reported_not_counted():
+    """What the demo base's int4 TensorRT-ONNX export measured on 24 answers: 3 multiple-choice
+    letters lost, none gained (12.5 points, p = 0.125). 5 lost and none gained (p = 1/32) fails, and
+    so does a report written before the chance metric existed (no task.drop_p)."""
+    drop = {"task.accuracy_drop": 0.125, "task.answers_lost": 3, "task.answers_gained": 0}
+    report = _report(chance={**drop, "task.drop_p": M.sign_test_p(3, 0)},
+                     real={**drop, "task.drop_p": M.sign_test_p(5, 0)}, old=drop)
+    assert {(v.candidate, v.limit) for v in report.check()} == {("real", "max_accuracy_drop"),
+                                                                ("old", "max_accuracy_drop")}
+    assert report.within_chance() == [
+        "chance: task.accuracy_drop = 12.5% is past <= 5% [max_accuracy_drop], but chance gives as much "
+        "(task.drop_p = 0.125 >= 0.05); not counted"]
+    summary = report.manifest_summary("chance")
+    assert summary["passed"] is True and summary["metrics"]["task.answers_lost"] == 3
+    assert summary["within_chance"] == report.within_chance()
+    assert "not counted" in report.to_markdown()
+    report.assert_within(max_accuracy_drop=0.05, candidates=["chance"])
+    with pytest.raises(DriftExceeded, match="real: task.accuracy_drop = 12.5%"):
+        report.assert_within(max_accuracy_drop=0.05, candidates=["real"])
 
 
 def test_json_round_trip_keeps_nan_failing(tmp_path):

@@ -365,6 +365,7 @@ def _measure(side: _Side, rt: Runtime, ref_rt: Runtime, refs: list[_RefItem],
     ref_acc = ref_result.metrics.get("task.accuracy")
     metrics["task.accuracy_drop"] = (None if ref_acc is None or metrics.get("task.accuracy") is None
                                      else ref_acc - metrics["task.accuracy"])
+    metrics.update(_flips([r.correct for r in refs], correct))
     return CandidateResult(
         label=side.label, spec=side.text, runtime=side.runtime_name, metrics=metrics,
         kl_by_position={a: _by_position(kl[a]) for a in splits}, items=items,
@@ -379,6 +380,18 @@ def _by_position(per_item: Sequence[np.ndarray]) -> list[float]:
         sums[:len(x)] += x
         counts[:len(x)] += 1
     return (sums / counts).tolist()
+
+
+def _flips(ref_correct: list[bool | None], correct: list[bool | None]) -> dict:
+    """Answers the candidate lost (right in the reference, wrong here) and gained, and how likely
+    that many losses are by chance (:func:`~llava_edge.drift.metrics.sign_test_p`)."""
+    pairs = [(r, c) for r, c in zip(ref_correct, correct) if r is not None and c is not None]
+    if not pairs:
+        return {"task.answers_lost": None, "task.answers_gained": None, "task.drop_p": None}
+    lost = sum(r and not c for r, c in pairs)
+    gained = sum(c and not r for r, c in pairs)
+    return {"task.answers_lost": lost, "task.answers_gained": gained,
+            "task.drop_p": M.sign_test_p(lost, gained)}
 
 
 def _accuracy(items: list[EvalItem], correct: list[bool | None]) -> dict:

@@ -7,6 +7,8 @@ measures (an fp16 candidate differs from fp32 by ~1e-9 nats/token on small model
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from llava_edge.runtimes.base import common_prefix_length  # noqa: F401  (a drift metric too)
@@ -79,6 +81,16 @@ def percentile(values: np.ndarray, q: float) -> float:
     """The q-th percentile (linear interpolation, numpy's default); NaN for no values."""
     values = np.asarray(values, dtype=np.float64)
     return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def sign_test_p(lost: int, gained: int) -> float:
+    """One-sided exact sign test on paired answers: the chance of ``lost`` or more losses among the
+    ``lost + gained`` answers that changed, if each change were a fair coin (no real drop).
+
+    McNemar's exact test: only the answers that flipped carry evidence. 3 lost and 0 gained gives
+    0.125 (chance does that often); 6 and 0 gives 0.016. 1.0 when nothing flipped."""
+    n = lost + gained
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n
 
 
 def _same_shape(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -88,6 +88,8 @@ def print_table(report, console=None, thresholds: Thresholds | None = None) -> N
         console.width = saved
     for v in report.check(thresholds):
         console.print(f"[red]FAIL[/red] {escape(str(v))}", highlight=False)
+    for line in report.within_chance(thresholds):
+        console.print(f"[yellow]within chance[/yellow] {escape(line)}", highlight=False)
     for label, names in report.unchecked(thresholds).items():
         console.print(f"[yellow]not checked[/yellow] {escape(label)}: {', '.join(names)} (metric not "
                       "measured)", highlight=False)
@@ -117,6 +119,10 @@ def markdown(report, thresholds: Thresholds, *, plots_dir=None, command: str | N
         out.append(f"| {r.label} | {r.runtime} | {format_bytes(r.bytes)} | "
                    f"{'PASS' if not violations else '**FAIL**'} | "
                    f"{'; '.join(_md(str(v).split(': ', 1)[1]) for v in violations) or '-'} |")
+    chance = report.within_chance(thresholds)
+    if chance:
+        out += ["", "Past a limit, but by no more than chance explains on this many answers (not "
+                "counted):", ""] + [f"- {_md(line)}" for line in chance]
     header, body, bad = rows(report, thresholds)
     out += ["", "## Metrics", "",
             "Logit metrics are measured on the reference's greedy reply fed to both runtimes "

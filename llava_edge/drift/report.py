@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llava_edge.drift.thresholds import (
-    DEFAULT_THRESHOLDS, Thresholds, Violation, check, load_thresholds, only, unchecked,
+    DEFAULT_THRESHOLDS, Thresholds, Violation, check, load_thresholds, only, unchecked, within_chance,
 )
 from llava_edge.errors import UserError
 
@@ -97,6 +97,11 @@ class DriftReport:
         return {r.label: names for r in self.candidates
                 if (names := unchecked(r.label, r.metrics, thresholds))}
 
+    def within_chance(self, thresholds: Thresholds | str | Path | None = None) -> list[str]:
+        """One line per limit a candidate is past by no more than chance explains (not counted)."""
+        thresholds = _thresholds(thresholds)
+        return [line for r in self.candidates for line in within_chance(r.label, r.metrics, thresholds)]
+
     def passed(self, thresholds: Thresholds | str | Path | None = None) -> bool:
         return not self.check(thresholds)
 
@@ -177,7 +182,8 @@ class DriftReport:
         its noise floor, against what it was measured, and whether it passed."""
         r = self.result(label)
         keys = ["image.cosine_mean", "e2e.kl_mean", "e2e.kl_p99", "e2e.top1", "decoder_only.kl_mean",
-                "vision_only.kl_mean", "generation.exact_match", "task.accuracy", "task.accuracy_drop"]
+                "vision_only.kl_mean", "generation.exact_match", "task.accuracy", "task.accuracy_drop", "task.answers_lost",
+                "task.answers_gained", "task.drop_p"]
         thresholds = _thresholds(thresholds)
         return {
             "reference": self.reference.spec, "candidate": r.spec, "eval_set": self.eval_set,
@@ -186,6 +192,7 @@ class DriftReport:
             "floor": {k: self.floor.metrics.get(k) for k in keys} if self.floor else None,
             "reference_accuracy": self.reference.metrics.get("task.accuracy"),
             "passed": not check(r.label, r.metrics, thresholds),
+            "within_chance": within_chance(r.label, r.metrics, thresholds),
             "thresholds": thresholds.active(r.label),
         }
 

@@ -27,7 +27,7 @@ class Metric:
     key: str
     label: str
     better: str  # LOWER or HIGHER is better
-    fmt: str  # "sci", "pct", "float", "cos", "tokens", "delta_pct"
+    fmt: str  # "sci", "pct", "float", "cos", "tokens", "delta_pct", "count"
     help: str
 
 
@@ -79,6 +79,13 @@ METRICS: tuple[Metric, ...] = (
            "share of items with a gold answer answered correctly"),
     Metric("task.accuracy_drop", "task: accuracy drop", LOWER, "pct",
            "reference accuracy - candidate accuracy (points; positive is worse)"),
+    Metric("task.answers_lost", "task: answers lost", LOWER, "count",
+           "gold answers the reference gets right and the candidate wrong"),
+    Metric("task.answers_gained", "task: answers gained", HIGHER, "count",
+           "gold answers the candidate gets right and the reference wrong"),
+    Metric("task.drop_p", "task: drop by chance, p", HIGHER, "float",
+           "one-sided exact sign test on the answers that changed: how often chance alone loses that "
+           "many (small: the drop is real)"),
     Metric("task.accuracy_short", "task: short-answer acc.", HIGHER, "pct", "normalised exact match"),
     Metric("task.accuracy_mc", "task: multiple-choice acc.", HIGHER, "pct", "option letter"),
 )
@@ -101,6 +108,8 @@ def format_value(key: str, value) -> str:
         return f"{100 * value:+.2f}%"
     if fmt == "cos":
         return f"{value:.7f}"  # fp16 drift shows in the 7th digit
+    if fmt == "count":
+        return f"{value:.0f}"
     if fmt == "tokens":
         return f"{value:.1f}"
     return f"{value:.6f}" if abs(value) < 10 else f"{value:.2f}"
