@@ -57,7 +57,7 @@ class DemoPretrainConfig:
     vision_lr: float = 3e-3
     vision_weight_decay: float = 0.05
     language_steps: int = 2000  # reading scene tokens takes long: held-out reply loss 0.36 at 400 steps, 0.25 at 800
-    language_epochs: int = 1  # passes over those batches, each with its own warm-up and decay (pretrain.language)
+    language_epochs: int = 2  # passes over those batches, each with its own warm-up and decay (pretrain.language)
     language_batch_size: int = 16
     language_lr: float = 2e-3
     language_weight_decay: float = 0.0

@@ -25,15 +25,13 @@ held-out figures report the plain mean over all tokens and over the replies alon
 conversations come from the world's eval split, whose scenes never occur in training.
 
 ``epochs`` passes over the same batches each use a fresh optimiser, their own warm-up and their
-own cosine decay. A second pass is where the look-up by kind appears: the committed (one-pass) LM
+own cosine decay. A second pass is where the look-up by kind appears: session 10's one-pass LM
 continued so for 2000 steps went from 82.8% to 92.4% of those questions (a named kind's colour
 61% -> 98%, a kind's count 79% -> 100%; 500 scenes, issue 4's note), where session 6's single
-10000-step schedule had stopped near 82%. The committed assets keep one pass: assets regenerated
-with two (``--language-epochs 2``) lift the recipe from 80.6% to 85.3%, but their int4
-TensorRT-ONNX export drifts past the drift suite's default limits (tests/test_tensorrt.py), not
-yet diagnosed. A named shape's place stays the weakest look-up (64%): a linear probe
-(benchmarks/demo_place_probe.py) finds the one-pass LM carrying the place of the scene's first
-shape in reading order at the answer, not the named one's.
+10000-step schedule had stopped near 82%. The committed assets are made with two passes (the
+default): the recipe went from 80.6% (one pass) to 85.3% with them. A named shape's place stays
+the weakest look-up (64%): a linear probe (benchmarks/demo_place_probe.py) finds the one-pass LM
+carrying the place of the scene's first shape in reading order at the answer, not the named one's.
 
 What stands where the image goes (``context``):
 
