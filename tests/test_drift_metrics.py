@@ -225,6 +225,11 @@ def test_an_accuracy_drop_that_chance_explains_is_reported_not_counted():
     summary = report.manifest_summary("chance")
     assert summary["passed"] is True and summary["metrics"]["task.answers_lost"] == 3
     assert summary["within_chance"] == report.within_chance()
+    from llava_edge.export.verify import drift_summary  # what export and inspect print
+
+    lines = drift_summary({"int4": summary})
+    assert lines[0].startswith("int4: passed") and "task.drop_p=0.125" in lines[0]
+    assert lines[1] == "  within chance, not counted: " + report.within_chance()[0]
     assert "not counted" in report.to_markdown()
     report.assert_within(max_accuracy_drop=0.05, candidates=["chance"])
     with pytest.raises(DriftExceeded, match="real: task.accuracy_drop = 12.5%"):

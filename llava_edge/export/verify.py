@@ -362,6 +362,7 @@ def drift_summary(drift: dict) -> list[str]:
             metrics = ", ".join(f"{k}={_num(v)}" for k, v in entry["metrics"].items() if v is not None)
             verdict = {True: "passed", False: "FAILED"}.get(entry.get("passed"), "not judged")
             lines.append(f"{label}: {verdict} vs {entry.get('reference', '?')}: {metrics}")
+            lines += [f"  within chance, not counted: {line}" for line in entry.get("within_chance", [])]
         else:
             leaves = ", ".join(f"{k}={_num(v)}" for k, v in _leaves(entry))
             lines.append(f"{label}: {leaves or 'empty'}")
