@@ -80,7 +80,7 @@ def train_demo_model(workdir: Path, *, n: int = 1000, n_eval: int = EVAL_SCENES,
                 f"now (they changed since); delete {work} to train from the current ones")
     else:
         say(f"training the demo model in {work}: stage 1 then stage 2 on {n} synthetic scenes "
-            "(about 8 minutes on 2 cores)")
+            "(about 7 minutes on 2 cores)")
         report = run_demo_recipe(work, n=n, n_eval=n_eval, compare=False, **overrides)
     scores = {"exact_match": report["eval"]["exact_match"], "mc_accuracy": report["eval"]["mc_accuracy"],
               "train_seconds": report.get("train_seconds")}
