@@ -153,7 +153,7 @@ def check(label: str, metrics: dict, thresholds: Thresholds, floor: dict | None 
         value = metrics.get(limit.metric)
         if value is None:
             continue
-        if math.isnan(value) or (_past(limit, value, bound) and not _chance_p(limit, metrics)):
+        if math.isnan(value) or (_past(limit, value, bound) and _chance_p(limit, metrics) is None):
             out.append(Violation(label, name, limit.metric, value, bound, limit.kind,
                                  (floor or {}).get(limit.metric)))
     return out
@@ -168,7 +168,7 @@ def within_chance(label: str, metrics: dict, thresholds: Thresholds) -> list[str
         value = metrics.get(limit.metric)
         if value is None or math.isnan(value) or not _past(limit, value, bound):
             continue
-        if (p := _chance_p(limit, metrics)):
+        if (p := _chance_p(limit, metrics)) is not None:
             from llava_edge.drift.schema import format_limit, format_value
 
             out.append(f"{label}: {limit.metric} = {format_value(limit.metric, value)} is past "
