@@ -155,6 +155,21 @@ def test_failed_validation_names_the_part_and_the_difference(tiny_model_dir, tmp
     assert not out.exists(), "a failed export leaves no half bundle"
 
 
+def test_the_tolerance_grows_with_the_output_scale():
+    """atol + rtol x the output's largest magnitude: the demo LM's logits (scale 18.3) differ by
+    1.43e-4 between torch and onnxruntime, within 1e-4 + 2e-5 x 18.3; 10x that is not."""
+    from llava_edge.export.onnx.specs import Dims
+    from llava_edge.export.onnx.validate import Comparison
+
+    logits = np.linspace(-18.3, 5.0, 64, dtype=np.float32)[None]
+    for diff, ok in ((1.43e-4, True), (1.43e-3, False)):
+        c = Comparison("decoder", atol=1e-4, rtol=2e-5)
+        c.update("logits", Dims(1, 1, 9), logits, logits + np.float32(diff))
+        assert c.passed is ok and c.max_abs == pytest.approx(diff, rel=1e-3)
+        assert c.closest[3] == pytest.approx(1e-4 + 2e-5 * 18.3) and c.closest[4] == pytest.approx(18.3)
+    assert Comparison("vision", atol=1e-4).passed  # nothing checked yet
+
+
 def test_bad_export_arguments_are_user_errors(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="unknown precision 'int3'"):
         export_onnx(tiny_model_dir, tmp_path / "a", "int3", progress=False)

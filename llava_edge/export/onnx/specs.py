@@ -106,7 +106,8 @@ class PartSpec:
     output_names: Callable[[ModelDims], list[str]]
     dynamic_shapes: Callable[[ModelDims], tuple]  # torch.export dynamic_shapes, one per forward arg
     dummy_inputs: Callable[[ModelDims, Dims, np.random.Generator], dict[str, np.ndarray]]
-    atol: float  # max abs difference to torch, fp32 on CPU
+    atol: float  # max abs difference to torch, fp32 on CPU ...
+    rtol: float = 0.0  # ... plus this times the output's largest magnitude (see the decoder's)
     check_dims: tuple[Dims, ...] = CHECK_DIMS
 
     def args(self, inputs: dict[str, np.ndarray], dims: ModelDims) -> tuple:
@@ -250,7 +251,11 @@ SPECS: dict[str, PartSpec] = {
             output_names=lambda d: [LOGITS, *_kv_names(d, present_name)],
             dynamic_shapes=_decoder_dynamic_shapes,
             dummy_inputs=decoder_inputs,
-            atol=1e-4,
+            # fp32 rounding of a deep stack of matmuls grows with the scale of its values: the demo
+            # LM, whose logits reach 18.3, differs by 1.43e-4 between torch and onnxruntime, 7.8e-6 of
+            # that scale. 2e-5 of it allows that 2.5 times over; a wrong mask, position or cache is off
+            # by 0.1 or more.
+            atol=1e-4, rtol=2e-5,
         ),
     )
 }
