@@ -182,8 +182,8 @@ class DriftReport:
         its noise floor, against what it was measured, and whether it passed."""
         r = self.result(label)
         keys = ["image.cosine_mean", "e2e.kl_mean", "e2e.kl_p99", "e2e.top1", "decoder_only.kl_mean",
-                "vision_only.kl_mean", "generation.exact_match", "task.accuracy", "task.accuracy_drop", "task.answers_lost",
-                "task.answers_gained", "task.drop_p"]
+                "vision_only.kl_mean", "generation.exact_match", "task.accuracy", "task.accuracy_drop",
+                "task.answers_lost", "task.answers_gained", "task.drop_p"]
         thresholds = _thresholds(thresholds)
         return {
             "reference": self.reference.spec, "candidate": r.spec, "eval_set": self.eval_set,

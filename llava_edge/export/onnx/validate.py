@@ -77,7 +77,8 @@ def torch_outputs(spec: PartSpec, module, dims: ModelDims, inputs: dict[str, np.
 def check_against_torch(spec: PartSpec, module, dims: ModelDims, path: str | Path, *,
                         seed: int = 1000) -> Comparison:
     """Run ``path`` and ``module`` on fresh random inputs of every size in ``spec.check_dims``;
-    raise :class:`ExportValidationError` (with the max diff) when they differ beyond ``spec.atol``."""
+    raise :class:`ExportValidationError` (with the max diff) when they differ beyond ``spec.atol`` +
+    ``spec.rtol`` x the output's largest magnitude."""
     session = cpu_session(path)
     names = spec.output_names(dims)
     result = Comparison(spec.name, atol=spec.atol, rtol=spec.rtol)
