@@ -86,6 +86,19 @@ def load_lm(assets: str, weights: str | None = None):
     return tokenizer, lm
 
 
+def add_lm_arguments(parser) -> None:
+    """``--assets`` and ``--lm``, the two arguments :func:`open_lm` reads (with ``--threads``)."""
+    parser.add_argument("--assets", default="llava_edge/assets/demo")
+    parser.add_argument("--lm", help="a language model's weights (demo_lm_variants.py --save) instead of the assets'")
+
+
+def open_lm(args):
+    """(tokenizer, LM, scene tokens) for ``args.assets`` / ``args.lm``, torch on ``args.threads``."""
+    torch.set_num_threads(args.threads)
+    tokenizer, lm = load_lm(args.assets, args.lm)
+    return tokenizer, lm, scene_tokens_for(demo_config(tokenizer), 0)
+
+
 def true_tokens(tokens, n: int) -> torch.Tensor:
     return torch.stack([tokens(scene_at(0, "eval", i)) for i in range(n)])
 

@@ -35,13 +35,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_ceilings import load_lm  # noqa: E402
+from demo_ceilings import add_lm_arguments, open_lm  # noqa: E402
 
 from llava_edge.data.language import _color, _position, _shape  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import demo_config  # noqa: E402
-from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 
 
 def questions(scene, shape) -> dict:
@@ -142,15 +140,12 @@ def key_selectivity(lm, tokenizer, tokens) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="llava_edge/assets/demo")
-    parser.add_argument("--lm", help="a language model's weights (demo_lm_variants.py --save) instead of the assets'")
+    add_lm_arguments(parser)
     parser.add_argument("--scenes", type=int, default=150, help="eval scenes looked at (the three-shape ones are used)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tokenizer, lm = load_lm(args.assets, args.lm)
+    tokenizer, lm, tokens = open_lm(args)
     lm.set_attn_implementation("eager")  # the fused kernels return no attention weights
-    tokens = scene_tokens_for(demo_config(tokenizer), 0)
     report = {"assets": args.assets, "lm": args.lm or "the assets'", "scenes": args.scenes,
               **attention_to_shapes(lm, tokenizer, tokens, args.scenes)}
     for kind, entry in report.items():

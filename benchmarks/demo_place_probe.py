@@ -30,12 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_ceilings import load_lm  # noqa: E402
+from demo_ceilings import add_lm_arguments, open_lm  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
 from llava_edge.data.world import POSITIONS  # noqa: E402
 from llava_edge.model.templates import encode_conversation, get_template  # noqa: E402
-from llava_edge.pretrain.assets import demo_config  # noqa: E402
-from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 
 PLACES = sorted(POSITIONS.values())
 WHERE = ("colour", "kind", "?", "last")
@@ -90,16 +88,13 @@ def probe(x, y, x_test, y_test) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="llava_edge/assets/demo")
-    parser.add_argument("--lm", help="a language model's weights (demo_lm_variants.py --save) instead of the assets'")
+    add_lm_arguments(parser)
     parser.add_argument("--question-first", action="store_true", help="the question before the image")
     parser.add_argument("--train-scenes", type=int, default=1500)
     parser.add_argument("--eval-scenes", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tokenizer, lm = load_lm(args.assets, args.lm)
-    tokens = scene_tokens_for(demo_config(tokenizer), 0)
+    tokenizer, lm, tokens = open_lm(args)
     x, y, f = hidden_states(lm, tokenizer, tokens, "train", args.train_scenes, args.question_first)
     xt, yt, ft = hidden_states(lm, tokenizer, tokens, "eval", args.eval_scenes, args.question_first)
     out = {"questions": [len(y), len(yt)], "named_is_first": round(float((yt == ft).float().mean()), 3)}

@@ -27,11 +27,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_ceilings import greedy_answer, load_lm  # noqa: E402
+from demo_ceilings import add_lm_arguments, greedy_answer, open_lm  # noqa: E402
 from llava_edge.data.language import _color, _position, _size  # noqa: E402
 from llava_edge.data.synth import scene_at  # noqa: E402
-from llava_edge.pretrain.assets import demo_config  # noqa: E402
-from llava_edge.pretrain.language import scene_tokens_for  # noqa: E402
 
 ASKED = {"place": (_position, "position"), "size": (_size, "size"), "color": (_color, "color")}
 
@@ -54,14 +52,11 @@ def tally(lm, tokenizer, tokens, n_scenes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="llava_edge/assets/demo")
-    parser.add_argument("--lm", help="a language model's weights (demo_lm_variants.py --save) instead of the assets'")
+    add_lm_arguments(parser)
     parser.add_argument("--scenes", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    tokenizer, lm = load_lm(args.assets, args.lm)
-    tokens = scene_tokens_for(demo_config(tokenizer), 0)
+    tokenizer, lm, tokens = open_lm(args)
     with torch.no_grad():
         result = tally(lm, tokenizer, tokens, args.scenes)
     print(json.dumps({"lm": args.lm or args.assets, "scenes": args.scenes, **result}, indent=1))
