@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,6 +14,16 @@ from llava_edge.export.onnx.specs import Dims, ModelDims, PartSpec
 
 class ExportValidationError(ModelError):
     """An exported part does not reproduce torch within its tolerance."""
+
+
+class Check(NamedTuple):
+    """One output at one input size: its max-abs difference and the tolerance it was held to."""
+
+    output: str
+    dims: Dims
+    diff: float
+    tolerance: float
+    scale: float  # the output's largest magnitude
 
 
 @dataclass
@@ -27,10 +38,10 @@ class Comparison:
     worst_output: str = ""
     worst_dims: Dims | None = None
     per_output: dict[str, float] = field(default_factory=dict)
-    # the check that came closest to (or past) its tolerance: difference - tolerance (> 0 fails),
-    # and that check's output, input sizes, difference and tolerance
+    # the check that came closest to (or past) its tolerance, and by how much: diff - tolerance
+    # (> 0 fails)
     worst_excess: float = float("-inf")
-    closest: tuple = ()
+    closest: Check | None = None
 
     def update(self, name: str, dims: Dims, expected: np.ndarray, got: np.ndarray) -> None:
         if expected.shape != got.shape:
@@ -47,7 +58,7 @@ class Comparison:
         scale = float(np.max(np.abs(expected64), initial=0.0))
         tolerance = self.atol + self.rtol * scale
         if diff - tolerance > self.worst_excess:
-            self.worst_excess, self.closest = diff - tolerance, (name, dims, diff, tolerance, scale)
+            self.worst_excess, self.closest = diff - tolerance, Check(name, dims, diff, tolerance, scale)
 
     @property
     def passed(self) -> bool:
@@ -89,11 +100,11 @@ def check_against_torch(spec: PartSpec, module, dims: ModelDims, path: str | Pat
         for name, e, g in zip(names, expected, got):
             result.update(name, size, e, g)
     if not result.passed:
-        name, size, diff, tolerance, scale = result.closest
+        c = result.closest
         raise ExportValidationError(
-            f"{spec.name}: the exported ONNX file {path} differs from torch by {diff:.3g} "
-            f"(max abs, output {name!r}, inputs {size}); the tolerance there is {tolerance:.3g} "
-            f"({spec.atol:g} + {spec.rtol:g} x {scale:.3g}, the output's largest magnitude). The export "
+            f"{spec.name}: the exported ONNX file {path} differs from torch by {c.diff:.3g} "
+            f"(max abs, output {c.output!r}, inputs {c.dims}); the tolerance there is {c.tolerance:.3g} "
+            f"({spec.atol:g} + {spec.rtol:g} x {c.scale:.3g}, the output's largest magnitude). The export "
             "is not faithful: report this with your torch/transformers/onnxscript versions, or try "
             "another --opset")
     return result
